@@ -41,14 +41,14 @@ def md_frames(
     from ase.calculators.emt import EMT
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import thermalize_momenta
 
     atoms = fcc_cell(element, size, a)
     atoms.calc = calculator if calculator is not None else EMT()
     rng = np.random.default_rng(seed)
     # random displacement so that frames differ between seeds from step 0
     atoms.positions += rng.normal(scale=0.02, size=atoms.positions.shape)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
     dyn = Langevin(
         atoms, timestep_fs * units.fs, temperature_K=temperature, friction=0.02,
         fixcm=False, rng=rng,

@@ -1,0 +1,85 @@
+"""Shared fixtures: small Cu data labelled by ASE's EMT, and running real `dp`."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+QUIET_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "DP_INTRA_OP_PARALLELISM_THREADS": "2",
+    "DP_INTER_OP_PARALLELISM_THREADS": "1",
+    "OMP_NUM_THREADS": "2",
+}
+
+# a small se_e2_a model: ~3.5k weights, trains in seconds
+TINY_INPUT = {
+    "model": {
+        "type_map": ["Cu"],
+        "descriptor": {"type": "se_e2_a", "sel": [60], "rcut_smth": 3.5, "rcut": 4.5,
+                       "neuron": [8, 16], "axis_neuron": 4, "seed": 1},
+        "fitting_net": {"neuron": [32, 32], "seed": 1},
+    },
+    "learning_rate": {"type": "exp", "start_lr": 0.001, "stop_lr": 3e-5, "decay_steps": 100},
+    "optimizer": {"type": "RLEKF", "blocksize": 1024},
+    "loss": {"start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+    "training": {
+        "training_data": {"systems": ["DATA/train"], "batch_size": 1},
+        "validation_data": {"systems": ["DATA/valid"], "batch_size": 1, "numb_btch": 10},
+        "numb_steps": 100, "disp_freq": 50, "save_freq": 50, "seed": 3,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def cu_data(tmp_path_factory):
+    """40 training and 10 validation frames of 32-atom fcc Cu, EMT at 300 K."""
+    from alkpu_plugin.reference import md_frames
+
+    root = tmp_path_factory.mktemp("cu_emt")
+    md_frames(300, 40, seed=1).to("deepmd/npy", str(root / "train"))
+    md_frames(300, 10, seed=2).to("deepmd/npy", str(root / "valid"))
+    return root
+
+
+def make_input(cu_data, **changes):
+    """TINY_INPUT with data paths filled in and nested keys changed ("a/b": v)."""
+    data = copy.deepcopy(TINY_INPUT)
+    for key, value in changes.items():
+        node = data
+        *path, last = key.split("/")
+        for part in path:
+            node = node[part]
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    tr = data["training"]
+    tr["training_data"]["systems"] = [str(cu_data / "train")]
+    tr["validation_data"]["systems"] = [str(cu_data / "valid")]
+    return data
+
+
+def run_dp(cwd, *args, input_data=None, check=True, python_code=None):
+    """Run the real `dp` command in ``cwd``; returns the CompletedProcess."""
+    cwd = Path(cwd)
+    cwd.mkdir(parents=True, exist_ok=True)
+    if input_data is not None:
+        (cwd / "input.json").write_text(json.dumps(input_data, indent=1))
+    env = {**os.environ, **QUIET_ENV}
+    cmd = [str(BIN / "dp"), *args] if python_code is None else [sys.executable, "-c", python_code, *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_lcurve(path):
+    import numpy as np
+
+    return np.loadtxt(path, ndmin=2)
