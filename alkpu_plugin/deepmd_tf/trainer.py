@@ -42,7 +42,8 @@ from ..kalman import BlockLayout, FilterOptions, KalmanFilter, load_state, save_
 from ..kalman import rlekf
 from .schema import RLEKFSettings
 
-log = logging.getLogger(__name__)
+# a child of DeePMD-kit's logger, so `dp train` shows our lines in its log
+log = logging.getLogger("deepmd.alkpu_rlekf")
 
 __all__ = ["RLEKFTrainer", "state_path_for_checkpoint", "weights_digest", "RLEKFInputError"]
 
@@ -305,6 +306,7 @@ class RLEKFTrainer(DPTrainer):
         first = True
         step_time = 0.0
         timed_steps = 0
+        self.kf_timing = {"graph": 0.0, "kalman": 0.0}
         wall_tic = time.time()
         try:
             while cur_batch < self.stop_batch:
@@ -320,11 +322,14 @@ class RLEKFTrainer(DPTrainer):
                 timed_steps += 1
                 if self.display_in_training and cur_batch % self.disp_freq == 0:
                     self._display(fp, batch, valid_data)
+                    per = max(timed_steps, 1)
                     log.info(
-                        "batch %7d: %.4f s/batch (Kalman step), wall %.2f s",
-                        cur_batch, step_time / max(timed_steps, 1), time.time() - wall_tic,
+                        "batch %7d: %.4f s/batch (TF passes %.4f s, Kalman updates %.4f s), wall %.2f s",
+                        cur_batch, step_time / per, self.kf_timing["graph"] / per,
+                        self.kf_timing["kalman"] / per, time.time() - wall_tic,
                     )
                     step_time, timed_steps, wall_tic = 0.0, 0, time.time()
+                    self.kf_timing = {"graph": 0.0, "kalman": 0.0}
                 if self.save_freq > 0 and cur_batch % self.save_freq == 0 and self.saver is not None:
                     self.save_checkpoint(cur_batch)
             if (
@@ -351,34 +356,45 @@ class RLEKFTrainer(DPTrainer):
         s = self.rlekf
         feed = self.get_feed_dict(batch, is_training=True)
         natoms = int(batch["natoms_vec"][0])
-        nframes = int(np.asarray(batch["energy"]).reshape(-1).shape[0])
-        ops = [self.kf_apply]
-        # energy update
-        H, energy = run_sess(self.sess, [self.kf_energy_H, self.kf_energy], feed_dict=feed)
-        c, _ = rlekf.energy_normalisers(natoms)
         label = np.asarray(batch["energy"], dtype=np.float64).reshape(-1)
-        delta = self.kf.update(H, rlekf.innovation(label, energy, s.pref_e, c))
-        last = s.force_updates == 0
-        run_sess(self.sess, [self.kf_apply, self.kf_step] if last else ops, feed_dict={self.kf_delta: delta})
+        nframes = label.shape[0]
+        # energy update
+        c, _ = rlekf.energy_normalisers(natoms)
+        self._update(
+            [self.kf_energy_H, self.kf_energy], feed,
+            lambda energy: rlekf.innovation(label, energy, s.pref_e, c),
+            last=s.force_updates == 0,
+        )
+        if not s.force_updates:
+            return
         # force updates, each on a fresh forward pass over newly drawn atoms
-        if s.force_updates:
-            groups = np.stack(
-                [
-                    rlekf.draw_force_groups(self.kf_atom_rng, natoms, s.force_updates, s.atoms_per_update)
-                    for _ in range(nframes)
-                ],
-                axis=1,
-            )  # (N_f, B, n_g)
-            c, _ = rlekf.force_normalisers(natoms, s.atoms_per_update)
-            for u, atoms in enumerate(groups):
-                feed[self.kf_atoms] = atoms
-                H, f_pred, f_lab = run_sess(
-                    self.sess, [self.kf_force_H, self.kf_force, self.kf_force_label], feed_dict=feed
-                )
-                delta = self.kf.update(H, rlekf.innovation(f_lab, f_pred, s.pref_f, c))
-                last = u == len(groups) - 1
-                run_sess(
-                    self.sess,
-                    [self.kf_apply, self.kf_step] if last else ops,
-                    feed_dict={self.kf_delta: delta},
-                )
+        groups = np.stack(
+            [
+                rlekf.draw_force_groups(self.kf_atom_rng, natoms, s.force_updates, s.atoms_per_update)
+                for _ in range(nframes)
+            ],
+            axis=1,
+        )  # (N_f, B, n_g)
+        c, _ = rlekf.force_normalisers(natoms, s.atoms_per_update)
+        for u, atoms in enumerate(groups):
+            feed[self.kf_atoms] = atoms
+            self._update(
+                [self.kf_force_H, self.kf_force, self.kf_force_label], feed,
+                lambda f_pred, f_lab: rlekf.innovation(f_lab, f_pred, s.pref_f, c),
+                last=u == len(groups) - 1,
+            )
+
+    def _update(self, fetches: list, feed: dict, innovation, last: bool) -> None:
+        """Evaluate H and the prediction, run the filter, add the increment to the weights.
+
+        ``last`` also advances the global step (one per batch).
+        """
+        tic = time.perf_counter()
+        H, *pred = run_sess(self.sess, fetches, feed_dict=feed)
+        toc = time.perf_counter()
+        delta = self.kf.update(H, innovation(*pred))
+        tac = time.perf_counter()
+        apply = [self.kf_apply, self.kf_step] if last else self.kf_apply
+        run_sess(self.sess, apply, feed_dict={self.kf_delta: delta})
+        self.kf_timing["graph"] += (toc - tic) + (time.perf_counter() - tac)
+        self.kf_timing["kalman"] += tac - toc
