@@ -83,3 +83,25 @@ def read_lcurve(path):
     import numpy as np
 
     return np.loadtxt(path, ndmin=2)
+
+
+@pytest.fixture(scope="session")
+def trained_model(cu_data, tmp_path_factory):
+    """A tiny RLEKF model trained 200 steps on the 300 K data, frozen: (dir, graph.pb)."""
+    root = tmp_path_factory.mktemp("rlekf_model")
+    run_dp(root, "train", "input.json",
+           input_data=make_input(cu_data, **{"training/numb_steps": 200, "training/disp_freq": 100,
+                                             "training/save_freq": 200}))
+    run_dp(root, "freeze", "-o", "graph.pb")
+    return root, root / "graph.pb"
+
+
+@pytest.fixture(scope="session")
+def hot_and_cold(tmp_path_factory):
+    """Fresh labelled frames at 300 K and at 1200 K (8 each)."""
+    from alkpu_plugin.reference import md_frames
+
+    root = tmp_path_factory.mktemp("cu_hot_cold")
+    md_frames(300, 8, seed=11).to("deepmd/npy", str(root / "cold"))
+    md_frames(1200, 8, seed=12).to("deepmd/npy", str(root / "hot"))
+    return root

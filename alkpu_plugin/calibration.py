@@ -1,0 +1,102 @@
+"""Calibrating KPU to a force error in eV/A (the paper's Theorem 4.3).
+
+Theorem 4.3: E[(y - h(w_k, x))^2] ~ KPU_k(x) / lambda_{k+1} + sigma^2.  The
+absolute scale of KPU depends on normalisers, training length and P_0, so the
+scale is fitted on labelled frames, per atom::
+
+    |F_i - F_i^model|^2  ~  a * KPU_i + b          (a > 0, b >= 0: noise floor)
+
+(least squares; b is dropped when the fit makes it negative).  The fit is stored
+beside the Kalman state as ``<state>.calibration.json`` together with the digest
+of the weights it was made for, and used only with those weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .kalman import read_meta
+
+__all__ = ["fit", "calibration_path", "load_calibration", "save_calibration", "deciles", "calibrate"]
+
+
+def fit(atom_kpu: np.ndarray, sq_error: np.ndarray) -> dict:
+    """Fit sq_error ~ a * atom_kpu + b over atoms."""
+    x = np.asarray(atom_kpu, dtype=np.float64).ravel()
+    y = np.asarray(sq_error, dtype=np.float64).ravel()
+    if x.size < 2 or not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
+        raise ValueError("calibration needs at least two finite (KPU, error) pairs")
+    A = np.stack([x, np.ones_like(x)], axis=1)
+    (a, b), *_ = np.linalg.lstsq(A, y, rcond=None)
+    if b < 0 or a <= 0:
+        a, b = float(x @ y / (x @ x)), 0.0
+    return {"a": float(a), "b": float(b), "n_atoms": int(x.size),
+            "model": "|dF_i|^2 = a * KPU_i + b", "unit": "eV^2/A^2"}
+
+
+def deciles(atom_kpu: np.ndarray, sq_error: np.ndarray, calibration: dict) -> list[dict]:
+    """Observed vs predicted RMS force error (eV/A) per KPU decile of atoms."""
+    x = np.asarray(atom_kpu).ravel()
+    y = np.asarray(sq_error).ravel()
+    order = np.argsort(x, kind="stable")
+    rows = []
+    for k, idx in enumerate(np.array_split(order, 10)):
+        if idx.size == 0:
+            continue
+        pred = calibration["a"] * x[idx] + calibration.get("b", 0.0)
+        rows.append({
+            "decile": k + 1, "atoms": int(idx.size),
+            "kpu_min": float(x[idx].min()), "kpu_max": float(x[idx].max()),
+            "observed_rms_error": float(np.sqrt(y[idx].mean())),
+            "predicted_rms_error": float(np.sqrt(max(pred.mean(), 0.0))),
+        })
+    return rows
+
+
+def calibration_path(state_path: str | os.PathLike) -> Path:
+    real = Path(os.path.realpath(state_path))
+    name = real.name[: -len(".npz")] if real.name.endswith(".npz") else real.name
+    return real.with_name(name + ".calibration.json")
+
+
+def _weights_of(state_path) -> str | None:
+    return read_meta(state_path).get("extra", {}).get("weights_sha256")
+
+
+def save_calibration(state_path: str | os.PathLike, calibration: dict) -> Path:
+    path = calibration_path(state_path)
+    data = {**calibration, "weights_sha256": _weights_of(state_path)}
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_calibration(state_path: str | os.PathLike) -> dict | None:
+    """The calibration saved for this state's weights, or None."""
+    path = calibration_path(state_path)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("weights_sha256") != _weights_of(state_path):
+        return None
+    return data
+
+
+def calibrate(engine, system, frames=None, progress=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Per-atom KPU and squared force errors of a labelled dpdata system, and the fit.
+
+    Returns (calibration, atom_kpu (F, N), sq_error (F, N)).
+    """
+    result = engine.compute(system, frames=frames, progress=progress)
+    _, frame_list = engine._frames(system, result.frames)
+    sq = []
+    for i, frame in zip(result.frames, frame_list):
+        _, force = engine.jacobian.predict(frame)
+        sq.append(((system["forces"][i] - force) ** 2).sum(axis=1))
+    sq = np.array(sq)
+    return fit(result.atom_kpu, sq), result.atom_kpu, sq

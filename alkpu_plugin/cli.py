@@ -1,0 +1,125 @@
+"""The ``alkpu`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _frames_arg(text: str | None):
+    if not text:
+        return None
+    start, _, stop = text.partition(":")
+    return range(int(start or 0), int(stop)) if stop else [int(start)]
+
+
+def _refuse_existing(paths, overwrite: bool) -> None:
+    existing = [str(p) for p in paths if p is not None and Path(p).exists()]
+    if existing and not overwrite:
+        raise SystemExit(
+            f"alkpu: error: {', '.join(existing)} already exist(s); choose another output or pass --overwrite"
+        )
+
+
+def cmd_kpu(args) -> int:
+    from .kpu_engine import KPUEngine, KPUResult, load_configurations
+    from .model_devi import write_model_devi
+
+    out = Path(args.output) if args.output else None
+    detail = Path(args.detail) if args.detail else None
+    _refuse_existing([out, detail], args.overwrite)
+    if args.merge:
+        parts = [KPUResult.load(p) for p in args.merge]
+        result = KPUResult.concatenate(parts)
+    else:
+        if not args.model or not args.system:
+            raise SystemExit("alkpu kpu: error: --model and --system are needed (or --merge PARTS)")
+        engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass)
+        system, steps = load_configurations(args.system, args.fmt, engine.type_map)
+        result = engine.compute(system, frames=_frames_arg(args.frames), steps=steps)
+    if detail is not None:
+        result.save(detail)
+    if out is not None:
+        write_model_devi(out, result.steps, result.atom_sigma)
+    unit = "eV/A (calibrated)" if result.calibration else "sqrt(KPU), uncalibrated"
+    print(
+        f"KPU of {len(result.frames)} frames: force KPU mean {result.force_kpu.mean():.4g}, "
+        f"max per-atom uncertainty {result.atom_sigma.max():.4g} [{unit}]"
+        + (f" -> {out}" if out else "") + (f", {detail}" if detail else "")
+    )
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import dpdata
+
+    from .calibration import calibrate, deciles, save_calibration
+    from .kpu_engine import KPUEngine
+
+    engine = KPUEngine(args.model, args.kalman_state, seed=args.seed)
+    system = dpdata.LabeledSystem(args.system, fmt=args.fmt)
+    cal, kpu, sq = calibrate(engine, system)
+    path = save_calibration(engine.state_path, cal)
+    report = {"calibration": cal, "saved": str(path)}
+    if args.holdout:
+        held = dpdata.LabeledSystem(args.holdout, fmt=args.fmt)
+        engine.calibration = cal
+        _, kpu_h, sq_h = calibrate(engine, held)
+        report["holdout_deciles"] = deciles(kpu_h, sq_h, cal)
+    text = json.dumps(report, indent=1)
+    if args.report:
+        Path(args.report).write_text(text)
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alkpu", description="Active learning by Kalman prediction uncertainty (ALKPU) for DeePMD.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("kpu", help="KPU of configurations; writes DP-GEN's model_devi.out")
+    p.add_argument("-m", "--model", help="frozen model (dp freeze output)")
+    p.add_argument("-k", "--kalman-state", help="its Kalman state (default: found from the model)")
+    p.add_argument("-s", "--system", help="configurations (a DP-GEN traj/ directory, a LAMMPS dump, ...)")
+    p.add_argument("-f", "--fmt", default="lammps/dump", help="dpdata format of --system (default lammps/dump)")
+    p.add_argument("-o", "--output", default="model_devi.out", help="DP-GEN model_devi.out to write ('' for none)")
+    p.add_argument("--detail", help="also write every number (per-atom KPU, energy KPU, ...) to this .npz")
+    p.add_argument("--frames", help="only frames START:STOP (for splitting a trajectory into tasks)")
+    p.add_argument("--merge", nargs="+", help="merge --detail files of parts instead of computing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the paper's N/2 atom draw")
+    p.add_argument("--rows-per-pass", type=int, default=96, help="force components per vectorised pass")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=cmd_kpu)
+
+    p = sub.add_parser("calibrate", help="fit per-atom KPU to squared force errors (eV/A)")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-k", "--kalman-state")
+    p.add_argument("-s", "--system", required=True, help="labelled frames to fit on")
+    p.add_argument("-f", "--fmt", default="deepmd/npy")
+    p.add_argument("--holdout", help="labelled frames for the per-decile check")
+    p.add_argument("--report", help="write the JSON report here too")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_calibrate)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .deepmd_tf.frozen import StateNotFoundError
+    from .kalman import KalmanStateError, LayoutMismatchError
+    from .kpu_engine import InputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InputError, KalmanStateError, LayoutMismatchError, StateNotFoundError,
+            FileNotFoundError, ValueError) as exc:
+        print(f"alkpu {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Weight-Jacobians of a frozen DeePMD-kit model's energy and forces.
+
+The frozen graph (``dp freeze`` output) is imported with its weight constants
+replaced by inputs, so TensorFlow can differentiate the model's outputs with
+respect to the weights.  Two paths give the same numbers:
+
+* :meth:`ModelJacobian.force_rows`: many force components per graph
+  evaluation, the backward pass vectorised over output directions with
+  TensorFlow's ``pfor`` (``rows_per_pass`` at a time to bound memory);
+* :meth:`ModelJacobian.force_row_bruteforce`: one backward pass per component,
+  the paper's algorithm, kept for tests and benchmarks.
+
+Rows are flat in the Kalman layout (tensor order and C-order flattening of the
+trainer, :class:`alkpu_plugin.kalman.BlockLayout`), as float64.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from deepmd.tf.env import default_tf_session_config, tf
+
+from ..kalman import BlockLayout
+from .frozen import frozen_weights
+
+__all__ = ["ModelJacobian", "Frame", "TypeMapError"]
+
+
+class TypeMapError(ValueError):
+    """Configurations hold elements the model does not know."""
+
+
+@dataclass
+class Frame:
+    """One configuration, atoms in the caller's order."""
+
+    coord: np.ndarray  # (N, 3)
+    box: np.ndarray | None  # (3, 3) or None without periodicity
+    atype: np.ndarray  # (N,) model type indices
+
+
+def _graph_def(path):
+    graph_def = tf.GraphDef()
+    with open(path, "rb") as fh:
+        graph_def.ParseFromString(fh.read())
+    return graph_def
+
+
+def _const(graph_def, name):
+    for node in graph_def.node:
+        if node.name == name:
+            return tf.make_ndarray(node.attr["value"].tensor)
+    return None
+
+
+class ModelJacobian:
+    """A frozen model whose weights can be differentiated against.
+
+    Parameters
+    ----------
+    model_path
+        Frozen model (``.pb``) of an energy model.
+    layout
+        The Kalman layout of the model's trainable weights.
+    rows_per_pass
+        Force components per vectorised backward pass.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, layout: BlockLayout, rows_per_pass: int = 96):
+        from tensorflow.python.ops.parallel_for.control_flow_ops import pfor
+
+        import deepmd.tf  # noqa: F401  (loads DeePMD-kit's custom ops)
+
+        self.layout = layout
+        self.rows_per_pass = int(rows_per_pass)
+        graph_def = _graph_def(model_path)
+        values = frozen_weights(model_path, layout.names)
+        tmap = _const(graph_def, "model_attr/tmap")
+        self.type_map = tmap.item().decode().split() if tmap is not None else []
+        self.ntypes = int(_const(graph_def, "descrpt_attr/ntypes") or len(self.type_map))
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self._weights = [
+                tf.placeholder(tf.as_dtype(v.dtype), v.shape, name=f"w{i}")
+                for i, v in enumerate(values)
+            ]
+            input_map = {f"{n}:0": w for n, w in zip(layout.names, self._weights)}
+            tf.import_graph_def(graph_def, input_map=input_map, name="m")
+            get = lambda n: self.graph.get_tensor_by_name(f"m/{n}:0")  # noqa: E731
+            self._t = {k: get(f"t_{k}") for k in ("coord", "type", "natoms", "box", "mesh")}
+            self._energy = tf.reshape(get("o_energy"), [-1])
+            self._force = tf.reshape(get("o_force"), [-1])
+            self._components = tf.placeholder(tf.int32, [None], name="components")
+
+            def flat(grads):
+                return tf.concat(
+                    [
+                        tf.reshape(tf.cast(g if g is not None else tf.zeros_like(w), tf.float64), [-1])
+                        for g, w in zip(grads, self._weights)
+                    ],
+                    axis=0,
+                )
+
+            def row(i):
+                return flat(tf.gradients(tf.gather(self._force, self._components[i]), self._weights))
+
+            self._rows = pfor(row, tf.shape(self._components)[0], fallback_to_while_loop=True)
+            self._row = row(0)
+            self._energy_row = flat(tf.gradients(self._energy[0], self._weights))
+        self._weight_feed = dict(zip(self._weights, values))
+        config = default_tf_session_config
+        self.sess = tf.Session(graph=self.graph, config=config)
+
+    # ------------------------------------------------------------- inputs
+    def types_for(self, atom_names: list[str], atom_types: np.ndarray) -> np.ndarray:
+        """Model type indices for a dpdata system's atom names and types."""
+        if not self.type_map:
+            return np.asarray(atom_types, dtype=np.int32)
+        missing = [n for n in atom_names if n not in self.type_map]
+        used = {atom_names[t] for t in np.unique(atom_types)}
+        missing = [n for n in missing if n in used]
+        if missing:
+            raise TypeMapError(
+                f"element(s) {missing} are not in the model's type map {self.type_map}; "
+                "use a model trained with these elements, or remove those atoms"
+            )
+        lookup = np.array([self.type_map.index(n) if n in self.type_map else -1 for n in atom_names])
+        return lookup[np.asarray(atom_types)].astype(np.int32)
+
+    def _feed(self, frame: Frame) -> tuple[dict, np.ndarray]:
+        order = np.argsort(frame.atype, kind="stable")
+        atype = frame.atype[order]
+        natoms = np.zeros(self.ntypes + 2, dtype=np.int32)
+        natoms[0] = natoms[1] = atype.size
+        natoms[2:] = np.bincount(atype, minlength=self.ntypes)[: self.ntypes]
+        pbc = frame.box is not None
+        feed = {
+            self._t["coord"]: np.asarray(frame.coord, dtype=np.float64)[order].reshape(-1),
+            self._t["type"]: atype,
+            self._t["natoms"]: natoms,
+            self._t["box"]: (np.asarray(frame.box, dtype=np.float64).reshape(9) if pbc else np.zeros(9)),
+            self._t["mesh"]: np.zeros(6 if pbc else 0, dtype=np.int32),
+        }
+        feed.update(self._weight_feed)
+        return feed, order
+
+    @staticmethod
+    def _sorted_components(order: np.ndarray, components: np.ndarray) -> np.ndarray:
+        """Flat force components (caller's atom order) -> the graph's sorted order."""
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        comps = np.asarray(components, dtype=np.int64)
+        return (inverse[comps // 3] * 3 + comps % 3).astype(np.int32)
+
+    # ------------------------------------------------------------ outputs
+    def predict(self, frame: Frame) -> tuple[float, np.ndarray]:
+        """Energy and forces (N, 3), atoms in the caller's order."""
+        feed, order = self._feed(frame)
+        energy, force = self.sess.run([self._energy, self._force], feed_dict=feed)
+        out = np.empty((order.size, 3))
+        out[order] = force.reshape(-1, 3)
+        return float(energy[0]), out
+
+    def energy_row(self, frame: Frame) -> np.ndarray:
+        """dE/dw, flat (n,)."""
+        feed, _ = self._feed(frame)
+        return self.sess.run(self._energy_row, feed_dict=feed)
+
+    def force_rows(self, frame: Frame, components: np.ndarray | None = None) -> np.ndarray:
+        """dF_c/dw for the flat force components c (default: all 3N), shape (m, n)."""
+        feed, order = self._feed(frame)
+        if components is None:
+            components = np.arange(3 * order.size)
+        comps = self._sorted_components(order, components)
+        out = np.empty((comps.size, self.layout.n))
+        for start in range(0, comps.size, self.rows_per_pass):
+            chunk = comps[start : start + self.rows_per_pass]
+            feed[self._components] = chunk
+            out[start : start + chunk.size] = self.sess.run(self._rows, feed_dict=feed)
+        return out
+
+    def force_row_bruteforce(self, frame: Frame, component: int) -> np.ndarray:
+        """dF_c/dw for one component: one backward pass (the paper's algorithm)."""
+        feed, order = self._feed(frame)
+        feed[self._components] = self._sorted_components(order, np.array([component]))
+        return self.sess.run(self._row, feed_dict=feed)
+
+    def close(self) -> None:
+        self.sess.close()

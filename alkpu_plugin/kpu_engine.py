@@ -1,0 +1,254 @@
+"""The KPU engine: Kalman Prediction Uncertainty of configurations, from a frozen model.
+
+Inputs are what an RLEKF training leaves behind: the frozen model (``dp
+freeze``) and its Kalman state (found from the model, see
+:mod:`alkpu_plugin.deepmd_tf.frozen`).  Configurations come in any format
+dpdata reads.  Per frame the engine gives
+
+* ``force_kpu``: the paper's force KPU (mean over N/2 seeded random atoms and
+  their 3 components);
+* ``atom_kpu``: per-atom KPU_i = sum over components, for every atom;
+* ``energy_kpu``: G_E^T P G_E;
+* with a calibration (:mod:`alkpu_plugin.calibration`), ``atom_sigma`` in eV/A.
+
+All force components of a frame are differentiated in vectorised passes and
+each block of P is read once per batch of rows; results do not depend on how
+frames are split between processes (atoms for the paper's value are drawn
+from (seed, frame index)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .kalman import kpu as kpu_math
+from .kalman import load_state
+
+__all__ = ["KPUEngine", "KPUResult", "load_configurations", "InputError"]
+
+
+class InputError(ValueError):
+    """Configurations that cannot be evaluated (reported before any work)."""
+
+
+# --------------------------------------------------------------------- inputs
+def _dump_timesteps(path: Path) -> list[int]:
+    steps, take = [], False
+    with open(path) as fh:
+        for line in fh:
+            if take:
+                steps.append(int(line.split()[0]))
+                take = False
+            elif line.startswith("ITEM: TIMESTEP"):
+                take = True
+    return steps
+
+
+def load_configurations(path: str | os.PathLike, fmt: str, type_map: Sequence[str] | None = None):
+    """A dpdata System and the MD step of each frame.
+
+    ``path`` may be a DP-GEN ``traj/`` directory of ``<step>.lammpstrj`` files
+    (steps from the file names), a LAMMPS dump (steps from its TIMESTEP items),
+    or anything dpdata reads with ``fmt`` (steps = frame indices).
+    """
+    import dpdata
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"configurations {path} do not exist")
+    kwargs = {"type_map": list(type_map)} if type_map and fmt.startswith("lammps") else {}
+    if path.is_dir() and fmt == "lammps/dump":
+        files = sorted(
+            (p for p in path.iterdir() if re.fullmatch(r"\d+\.lammpstrj", p.name)),
+            key=lambda p: int(p.stem),
+        )
+        if not files:
+            raise InputError(f"no <step>.lammpstrj files in {path}: the trajectory is empty")
+        system = dpdata.System(str(files[0]), fmt=fmt, **kwargs)
+        for p in files[1:]:
+            system.append(dpdata.System(str(p), fmt=fmt, **kwargs))
+        steps = [int(p.stem) for p in files]
+    else:
+        try:
+            system = dpdata.System(str(path), fmt=fmt, **kwargs)
+        except Exception as exc:  # dpdata raises many kinds
+            raise InputError(f"dpdata could not read {path} as {fmt!r}: {exc}") from exc
+        steps = list(range(system.get_nframes()))
+        if fmt == "lammps/dump" and path.is_file():
+            ts = _dump_timesteps(path)
+            if len(ts) == system.get_nframes():
+                steps = ts
+    if system.get_nframes() == 0:
+        raise InputError(f"{path} holds no frames: the trajectory is empty")
+    return system, steps
+
+
+# -------------------------------------------------------------------- results
+@dataclass
+class KPUResult:
+    """Per-frame KPU of one system (frames in the order given)."""
+
+    frames: np.ndarray  # frame indices in the source
+    steps: np.ndarray
+    force_kpu: np.ndarray  # (F,) paper's value
+    energy_kpu: np.ndarray  # (F,)
+    atom_kpu: np.ndarray  # (F, N)
+    calibration: dict | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def atom_sigma(self) -> np.ndarray:
+        """Per-atom force uncertainty: sqrt(a KPU_i + b) eV/A calibrated, else sqrt(KPU_i)."""
+        if self.calibration:
+            a, b = self.calibration["a"], self.calibration.get("b", 0.0)
+            return np.sqrt(np.maximum(a * self.atom_kpu + b, 0.0))
+        return np.sqrt(self.atom_kpu)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """All arrays and metadata in one .npz (written atomically)."""
+        meta = {**self.meta, "calibration": self.calibration}
+        return _atomic_write(
+            path,
+            lambda fh: np.savez(
+                fh,
+                frames=self.frames, steps=self.steps, force_kpu=self.force_kpu,
+                energy_kpu=self.energy_kpu, atom_kpu=self.atom_kpu, atom_sigma=self.atom_sigma,
+                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            ),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KPUResult":
+        with np.load(path) as d:
+            meta = json.loads(bytes(d["meta"]).decode())
+            calibration = meta.pop("calibration", None)
+            return cls(d["frames"], d["steps"], d["force_kpu"], d["energy_kpu"], d["atom_kpu"],
+                       calibration, meta)
+
+    @classmethod
+    def concatenate(cls, parts: Iterable["KPUResult"]) -> "KPUResult":
+        parts = sorted(parts, key=lambda p: int(p.frames[0]) if len(p.frames) else 0)
+        first = parts[0]
+        return cls(
+            np.concatenate([p.frames for p in parts]),
+            np.concatenate([p.steps for p in parts]),
+            np.concatenate([p.force_kpu for p in parts]),
+            np.concatenate([p.energy_kpu for p in parts]),
+            np.concatenate([p.atom_kpu for p in parts]),
+            first.calibration,
+            first.meta,
+        )
+
+
+def _atomic_write(path, writer) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            writer(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------- engine
+class KPUEngine:
+    """KPU of configurations for one frozen RLEKF model.
+
+    Parameters
+    ----------
+    model
+        Frozen model (``dp freeze`` output).
+    kalman_state
+        Its Kalman state; found from the model when omitted.
+    seed
+        Seed of the paper's atom draw.
+    rows_per_pass
+        Force components per vectorised backward pass (memory vs speed).
+    calibration
+        A calibration dict, or ``None`` to use the one stored beside the state.
+    """
+
+    def __init__(self, model, kalman_state=None, *, seed: int = 0, rows_per_pass: int = 96,
+                 calibration: dict | None = None):
+        from .calibration import load_calibration
+        from .deepmd_tf.frozen import find_kalman_state
+        from .deepmd_tf.jacobian import ModelJacobian
+
+        self.model = Path(model)
+        self.state_path = find_kalman_state(model, kalman_state)
+        self.kf, self.extra = load_state(self.state_path)
+        self.jacobian = ModelJacobian(model, self.kf.layout, rows_per_pass=rows_per_pass)
+        self.seed = int(seed)
+        self.calibration = calibration if calibration is not None else load_calibration(self.state_path)
+
+    @property
+    def type_map(self) -> list[str]:
+        return self.jacobian.type_map
+
+    def _frames(self, system, frames):
+        from .deepmd_tf.jacobian import Frame
+
+        nframes = system.get_nframes()
+        if nframes == 0:
+            raise InputError("the trajectory is empty: no frames to evaluate")
+        idx = np.arange(nframes) if frames is None else np.asarray(list(frames), dtype=int)
+        if idx.size == 0:
+            raise InputError("no frames selected")
+        if idx.min() < 0 or idx.max() >= nframes:
+            raise InputError(f"frame indices outside 0..{nframes - 1}")
+        coords = system["coords"][idx]
+        bad = np.where(~np.isfinite(coords).all(axis=(1, 2)))[0]
+        if bad.size:
+            raise InputError(
+                f"frame(s) {idx[bad][:5].tolist()} have NaN or infinite coordinates; "
+                "remove them (e.g. the MD run blew up) and try again"
+            )
+        atype = self.jacobian.types_for(system["atom_names"], system["atom_types"])
+        nopbc = bool(system.nopbc) if hasattr(system, "nopbc") else False
+        cells = system["cells"][idx]
+        return idx, [Frame(c, None if nopbc else b, atype) for c, b in zip(coords, cells)]
+
+    def frame_kpu(self, frame, index: int) -> tuple[float, np.ndarray, float]:
+        """(paper force KPU, per-component KPU (3N,), energy KPU) of one frame."""
+        rows = self.jacobian.force_rows(frame)
+        comp = kpu_math.component_kpu(self.kf, rows)
+        atoms = kpu_math.paper_atoms(frame.atype.size, self.seed, index)
+        energy = float(self.kf.quadratic(self.jacobian.energy_row(frame)))
+        return kpu_math.paper_force_kpu(comp, atoms), comp, energy
+
+    def compute(self, system, frames: Iterable[int] | None = None, steps: Sequence[int] | None = None,
+                progress: bool | None = None) -> KPUResult:
+        """KPU of ``frames`` (default all) of a dpdata System; inputs are checked first."""
+        from tqdm.auto import tqdm
+
+        idx, frame_list = self._frames(system, frames)
+        all_steps = np.arange(system.get_nframes()) if steps is None else np.asarray(steps)
+        force, energy, atom = [], [], []
+        for i, frame in zip(idx, tqdm(frame_list, desc="KPU", unit="frame",
+                                      disable=None if progress is None else not progress)):
+            f, comp, e = self.frame_kpu(frame, int(i))
+            force.append(f)
+            energy.append(e)
+            atom.append(kpu_math.atom_kpu(comp))
+        meta = {
+            "model": str(self.model),
+            "kalman_state": str(self.state_path),
+            "seed": self.seed,
+            "natoms": int(frame_list[0].atype.size),
+            "force_kpu": "mean of kpu_{i,a} over N/2 random atoms and 3 components (paper)",
+        }
+        return KPUResult(idx, all_steps[idx], np.array(force), np.array(energy), np.array(atom),
+                         self.calibration, meta)

@@ -1,0 +1,56 @@
+"""DP-GEN's ``model_devi.out``: the contract between KPU and DP-GEN's selection.
+
+Seven columns, as LAMMPS writes them for a committee: ``step max_devi_v
+min_devi_v avg_devi_v max_devi_f min_devi_f avg_devi_f``.  DP-GEN's selection
+(``make_fp``) reads columns 0, 1 and 4.  With KPU the virial columns are 0 and
+the force columns are the max/min/mean over atoms of the per-atom force
+uncertainty (eV/A when calibrated).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["HEADER", "write_model_devi", "read_model_devi"]
+
+HEADER = "%12s" % "step" + "".join("%19s" % c for c in (
+    "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"))
+
+
+def write_model_devi(path: str | os.PathLike, steps, atom_sigma) -> Path:
+    """Write the file atomically from per-frame, per-atom force uncertainties (F, N)."""
+    sigma = np.asarray(atom_sigma, dtype=np.float64)
+    steps = np.asarray(steps, dtype=np.int64)
+    if sigma.ndim != 2 or sigma.shape[0] != steps.shape[0]:
+        raise ValueError("atom_sigma must be (frames, atoms) with one step per frame")
+    table = np.zeros((steps.size, 7))
+    table[:, 0] = steps
+    table[:, 4] = sigma.max(axis=1)
+    table[:, 5] = sigma.min(axis=1)
+    table[:, 6] = sigma.mean(axis=1)
+    buf = io.StringIO()
+    buf.write("#" + HEADER[1:] + "\n")
+    for row in table:
+        buf.write("%12d" % row[0] + "".join("%19.6e" % v for v in row[1:]) + "\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_model_devi(path: str | os.PathLike) -> np.ndarray:
+    """The table as DP-GEN reads it (frames x 7)."""
+    return np.loadtxt(path, ndmin=2)

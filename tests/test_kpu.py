@@ -1,0 +1,182 @@
+"""KPU engine: exactness, outputs, determinism, chunking, ranking, bad input."""
+
+import json
+import subprocess
+import sys
+
+import dpdata
+import numpy as np
+import pytest
+
+from alkpu_plugin.kalman import kpu as kpu_math
+from alkpu_plugin.model_devi import read_model_devi
+
+from .conftest import QUIET_ENV, run_dp
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(trained_model):
+    from alkpu_plugin.kpu_engine import KPUEngine
+
+    _, graph = trained_model
+    return KPUEngine(graph, seed=7, rows_per_pass=40)
+
+
+def alkpu(cwd, *args):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "alkpu_plugin.cli", *args], cwd=cwd,
+                          env={**os.environ, **QUIET_ENV}, capture_output=True, text=True, timeout=600)
+
+
+def test_batched_kpu_equals_one_component_at_a_time(engine, cu_data):
+    system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")
+    idx, frames = engine._frames(system, [3])
+    frame = frames[0]
+    paper, comp, energy_kpu = engine.frame_kpu(frame, 3)
+    # brute force: one backward pass and one dense quadratic form per component
+    for c in [0, 1, 2, 17, 40, 95]:
+        g = engine.jacobian.force_row_bruteforce(frame, c)
+        assert comp[c] == pytest.approx(kpu_math.bruteforce_kpu(engine.kf, g), rel=1e-6)
+    atoms = kpu_math.paper_atoms(32, 7, 3)
+    assert atoms.size == 16 and len(set(atoms)) == 16
+    brute = np.mean([kpu_math.bruteforce_kpu(engine.kf, engine.jacobian.force_row_bruteforce(frame, 3 * a + k))
+                     for a in atoms for k in range(3)])
+    assert paper == pytest.approx(brute, rel=1e-6)
+    g_e = engine.jacobian.energy_row(frame)
+    assert energy_kpu == pytest.approx(kpu_math.bruteforce_kpu(engine.kf, g_e), rel=1e-6)
+    assert np.all(comp > 0)
+
+
+def test_atom_order_does_not_matter(engine, cu_data):
+    from alkpu_plugin.deepmd_tf.jacobian import Frame
+
+    system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")
+    _, frames = engine._frames(system, [0])
+    f = frames[0]
+    perm = np.random.default_rng(0).permutation(32)
+    shuffled = Frame(f.coord[perm], f.box, f.atype[perm])
+    rows = engine.jacobian.force_rows(f, np.array([0, 1, 2]))
+    target = int(np.where(perm == 0)[0][0])
+    rows_s = engine.jacobian.force_rows(shuffled, np.array([3 * target, 3 * target + 1, 3 * target + 2]))
+    np.testing.assert_allclose(rows_s, rows, rtol=1e-10, atol=1e-12)
+
+
+def test_cli_writes_model_devi_and_detail(trained_model, cu_data, tmp_path):
+    root, graph = trained_model
+    # a LAMMPS dump as DP-GEN writes them: one file per step in traj/
+    traj = tmp_path / "traj"
+    traj.mkdir()
+    system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")
+    for k in range(4):
+        system[k].to("lammps/dump", str(traj / f"{k * 50}.lammpstrj"))
+    proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-s", "traj", "-o", "model_devi.out", "--detail", "kpu.npz")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = read_model_devi(tmp_path / "model_devi.out")
+    assert table.shape == (4, 7)
+    np.testing.assert_array_equal(table[:, 0], [0, 50, 100, 150])
+    np.testing.assert_array_equal(table[:, 1:4], 0.0)
+    assert np.all(table[:, 4] >= table[:, 6]) and np.all(table[:, 6] >= table[:, 5]) and np.all(table[:, 5] > 0)
+    header = (tmp_path / "model_devi.out").read_text().splitlines()[0].split()
+    assert header == ["#", "step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"]
+    from alkpu_plugin.kpu_engine import KPUResult
+
+    detail = KPUResult.load(tmp_path / "kpu.npz")
+    assert detail.atom_kpu.shape == (4, 32)
+    np.testing.assert_allclose(table[:, 4], np.sqrt(detail.atom_kpu).max(axis=1), rtol=1e-6)
+    # the same frames through deepmd/npy give the same numbers (dump -> dpdata round trip)
+    proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-s", str(cu_data / "valid"), "-f", "deepmd/npy",
+                 "--frames", "0:4", "-o", "", "--detail", "npy.npz")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(KPUResult.load(tmp_path / "npy.npz").atom_kpu, detail.atom_kpu, rtol=1e-6)
+    # existing outputs are not overwritten
+    before = (tmp_path / "model_devi.out").read_bytes()
+    proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-s", "traj", "-o", "model_devi.out")
+    assert proc.returncode != 0 and "already exist" in proc.stderr
+    assert (tmp_path / "model_devi.out").read_bytes() == before
+
+
+def test_deterministic_and_chunked_equals_single(engine, cu_data, tmp_path):
+    from alkpu_plugin.kpu_engine import KPUEngine, KPUResult
+
+    system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")
+    whole = engine.compute(system)
+    again = engine.compute(system)
+    np.testing.assert_array_equal(whole.force_kpu, again.force_kpu)
+    parts = [engine.compute(system, frames=range(a, b)) for a, b in [(0, 3), (3, 7), (7, 10)]]
+    paths = [p.save(tmp_path / f"part{i}.npz") for i, p in enumerate(parts)]
+    merged = KPUResult.concatenate([KPUResult.load(p) for p in reversed(paths)])
+    for key in ("frames", "force_kpu", "energy_kpu", "atom_kpu"):
+        np.testing.assert_allclose(getattr(merged, key), getattr(whole, key), rtol=1e-12)
+    # another seed draws other atoms for the paper's value; per-atom values are unchanged
+    other = KPUEngine(engine.model, seed=8).compute(system, frames=range(3))
+    assert not np.allclose(other.force_kpu, whole.force_kpu[:3])
+    np.testing.assert_allclose(other.atom_kpu, whole.atom_kpu[:3], rtol=1e-10)
+
+
+def test_kpu_ranks_hot_frames_above_fresh_room_temperature_frames(engine, hot_and_cold):
+    cold = engine.compute(dpdata.System(str(hot_and_cold / "cold"), fmt="deepmd/npy"))
+    hot = engine.compute(dpdata.System(str(hot_and_cold / "hot"), fmt="deepmd/npy"))
+    assert hot.force_kpu.mean() > cold.force_kpu.mean()
+    assert hot.atom_kpu.max(axis=1).mean() > cold.atom_kpu.max(axis=1).mean()
+
+
+def test_calibration_gives_ev_per_angstrom(engine, trained_model, cu_data, hot_and_cold, tmp_path):
+    from alkpu_plugin.calibration import calibrate, deciles, load_calibration, save_calibration
+
+    train = dpdata.LabeledSystem(str(cu_data / "valid"), fmt="deepmd/npy")
+    cal, kpu, sq = calibrate(engine, train)
+    assert cal["a"] > 0 and cal["b"] >= 0 and cal["n_atoms"] == 320
+    # the fit reproduces the mean squared error on its own data (least squares)
+    assert np.mean(cal["a"] * kpu + cal["b"]) == pytest.approx(sq.mean(), rel=1e-6)
+    rows = deciles(kpu, sq, cal)
+    assert len(rows) == 10 and all(r["observed_rms_error"] > 0 for r in rows)
+    path = save_calibration(engine.state_path, cal)
+    assert load_calibration(engine.state_path)["a"] == cal["a"]
+    try:
+        from alkpu_plugin.kpu_engine import KPUEngine
+
+        calibrated = KPUEngine(engine.model)
+        res = calibrated.compute(dpdata.System(str(hot_and_cold / "cold"), fmt="deepmd/npy"), frames=[0])
+        np.testing.assert_allclose(res.atom_sigma, np.sqrt(cal["a"] * res.atom_kpu + cal["b"]))
+        assert res.atom_sigma.max() < 1.0  # eV/A scale, not raw KPU
+    finally:
+        path.unlink()
+
+
+def test_bad_inputs_fail_cleanly(trained_model, cu_data, tmp_path):
+    root, graph = trained_model
+    system_dir = cu_data / "valid"
+    # NaN coordinates
+    bad = dpdata.System(str(system_dir), fmt="deepmd/npy")
+    bad.data["coords"][2, 5, 1] = np.nan
+    bad.to("deepmd/npy", str(tmp_path / "nan"))
+    proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-s", "nan", "-f", "deepmd/npy", "-o", "out1")
+    assert proc.returncode == 2 and "frame(s) [2] have NaN" in proc.stderr
+    assert not (tmp_path / "out1").exists()
+    # element missing from the model's type map
+    alloy = dpdata.System(str(system_dir), fmt="deepmd/npy")
+    alloy.data["atom_names"] = ["Cu", "Ag"]
+    alloy.data["atom_numbs"] = [31, 1]
+    alloy.data["atom_types"] = np.array([0] * 31 + [1])
+    alloy.to("deepmd/npy", str(tmp_path / "alloy"))
+    proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-s", "alloy", "-f", "deepmd/npy", "-o", "out2")
+    assert proc.returncode == 2 and "['Ag'] are not in the model's type map ['Cu']" in proc.stderr
+    assert not (tmp_path / "out2").exists()
+    # empty trajectory
+    (tmp_path / "traj").mkdir()
+    proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-s", "traj", "-o", "out3")
+    assert proc.returncode == 2 and "trajectory is empty" in proc.stderr
+    assert not (tmp_path / "out3").exists()
+    # a Kalman state of another model
+    other = tmp_path / "other"
+    cfg = json.loads((root / "input.json").read_text())
+    cfg["model"]["fitting_net"]["neuron"] = [16, 16]
+    cfg["training"]["numb_steps"] = 3
+    run_dp(other, "train", "input.json", input_data=cfg)
+    proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-k", str(other / "model.ckpt.kalman.npz"),
+                 "-s", str(system_dir), "-f", "deepmd/npy", "-o", "out4")
+    assert proc.returncode == 2 and "does not belong to model" in proc.stderr
+    assert not (tmp_path / "out4").exists()
