@@ -275,7 +275,23 @@ def summarise(name: str, lc: dict, log: dict, run: dict, steps: int, disp_freq: 
         res["s_per_step"] = float(use[:, 1].mean())
         res["tf_passes_s_per_step"] = float(use[:, 2].mean())
         res["kalman_updates_s_per_step"] = float(use[:, 3].mean())
+        res["median_s_per_step"] = float(np.median(use[:, 1]))
+        res["median_tf_passes_s_per_step"] = float(np.median(use[:, 2]))
+        res["median_kalman_updates_s_per_step"] = float(np.median(use[:, 3]))
         res["first_interval_s_per_step"] = float(lines[0, 1])
+        # intervals much slower than typical (e.g. a stall of the machine): listed so that they
+        # can be told apart from the steady cost
+        med = np.median(use[:, 1])
+        slow = use[use[:, 1] > 2.0 * med]
+        res["slow_intervals"] = [
+            {"end_step": int(x[0]), "s_per_step": x[1], "tf_passes": x[2], "kalman": x[3], "wall_s": x[4]}
+            for x in slow
+        ]
+        res["slow_intervals_extra_wall_s"] = float(sum(x[1] - med for x in slow) * disp_freq)
+        res["timing_intervals"] = {
+            "end_step": [int(x) for x in lines[:, 0]], "s_per_step": lines[:, 1].tolist(),
+            "tf_passes": lines[:, 2].tolist(), "kalman": lines[:, 3].tolist(), "wall_s": lines[:, 4].tolist(),
+        }
         res["s_per_step_source"] = (
             "RLEKF 's/batch' log lines, mean over intervals excluding the first "
             f"({len(use)} intervals of {disp_freq} steps)"
@@ -309,8 +325,19 @@ def plot(results: dict, target: float, path: Path) -> None:
     for key, (label, color, marker) in styles.items():
         c = results[key]["curve"]
         ax = axes[0]
-        ax.plot(c["wall_s"], c["rmse_f_val"], marker=marker, ms=3, color=color,
-                label=f"{label}: {results[key]['s_per_step']:.3g} s/step")
+        rate = f"{results[key]['s_per_step']:.3g} s/step"
+        if "median_s_per_step" in results[key]:
+            rate = f"{results[key]['s_per_step']:.3g} s/step mean, {results[key]['median_s_per_step']:.3g} median"
+        ax.plot(c["wall_s"], c["rmse_f_val"], marker=marker, ms=3, color=color, label=f"{label}: {rate}")
+        # intervals that ran much slower than the median (stalls), shaded
+        ends = {s: w for s, w in zip(c["step"], c["wall_s"])}
+        shaded = False
+        for x in results[key].get("slow_intervals", []):
+            end = x["end_step"]
+            if end in ends:
+                ax.axvspan(ends[end] - x["wall_s"], ends[end], color=color, alpha=0.08, lw=0,
+                           label=None if shaded else f"{label.split()[0]} intervals > 2x median s/step")
+                shaded = True
         ax = axes[1]
         steps = np.asarray(c["step"], dtype=float)
         ax.plot(np.maximum(steps, 1), c["rmse_f_val"], marker=marker, ms=3, color=color, label=label)
@@ -380,13 +407,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 300 Adam / 60 RLEKF steps")
     ap.add_argument("--only", choices=["adam", "rlekf"], default=None,
                     help="rerun only one optimizer, reusing the other's finished run directory")
+    ap.add_argument("--reparse", action="store_true",
+                    help="run nothing: re-read the finished runs in --outdir and rewrite the JSON and PNG")
     args = ap.parse_args(argv)
     adam_steps = args.adam_steps or (300 if args.quick else 6000)
     rlekf_steps = args.rlekf_steps or (60 if args.quick else 600)
     out = args.outdir.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    data_spec = make_data(out / "data", args.ntrain, args.nvalid, args.temperature)
+    if args.reparse:
+        data_spec = json.loads((out / "data" / "spec.json").read_text())
+    else:
+        data_spec = make_data(out / "data", args.ntrain, args.nvalid, args.temperature)
     decay_steps = max(1, adam_steps // 30)
     plans = {
         "adam": ({"type": "Adam"}, adam_steps),
@@ -400,7 +432,8 @@ def main(argv=None) -> int:
         jdata = make_input(out / "data", opt, steps, disp, decay_steps, args.nvalid, args.seed)
         inputs[name] = jdata
         workdir = out / name
-        if args.only and args.only != name and (workdir / "run.json").exists():
+        reuse = args.reparse or (args.only and args.only != name)
+        if reuse and (workdir / "run.json").exists():
             run = json.loads((workdir / "run.json").read_text())
             print(f"[run] {name}: reusing {workdir}", flush=True)
         else:
@@ -433,6 +466,7 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             "adam_steps": adam_steps, "rlekf_steps": rlekf_steps, "quick": args.quick,
+            "reparse_only": args.reparse, "only": args.only,
             "decay_steps": decay_steps, "blocksize": args.blocksize, "seed": args.seed,
             "data": data_spec, "env": env, "inputs": inputs,
             "validation_note": (
@@ -460,6 +494,12 @@ def main(argv=None) -> int:
     print(f"{'s/step (wall, incl. valid.)':28s} {a['wall_s_per_step_incl_validation']:12.4f} "
           f"{r['wall_s_per_step_incl_validation']:12.4f}")
     print(f"{'RLEKF TF passes / Kalman':28s} {'':12s} {r['tf_passes_s_per_step']:.4f}/{r['kalman_updates_s_per_step']:.4f}")
+    print(f"{'RLEKF median s/step (TF/KF)':28s} {'':12s} {r['median_s_per_step']:.4f} "
+          f"({r['median_tf_passes_s_per_step']:.4f}/{r['median_kalman_updates_s_per_step']:.4f})")
+    if r["slow_intervals"]:
+        print(f"{'RLEKF slow intervals':28s} {'':12s} {len(r['slow_intervals'])} "
+              f"(+{r['slow_intervals_extra_wall_s']:.0f} s over the median), ending at steps "
+              + ", ".join(str(x["end_step"]) for x in r["slow_intervals"]))
     print(f"{'final rmse_f_val (eV/A)':28s} {a['final_rmse_f_val']:12.4g} {r['final_rmse_f_val']:12.4g}")
     fmt = lambda t: f"{t['wall_s']:.1f} s @{t['step']}" if t["reached"] else "not reached"
     print(f"{'time to target':28s} {fmt(ttt_a):>12s} {fmt(ttt_r):>12s}")

@@ -91,6 +91,13 @@ def test_cli_writes_model_devi_and_detail(trained_model, cu_data, tmp_path):
                  "--frames", "0:4", "-o", "", "--detail", "npy.npz")
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(KPUResult.load(tmp_path / "npy.npz").atom_kpu, detail.atom_kpu, rtol=1e-6)
+    # two separate processes on halves of the trajectory, merged: the same file
+    for name, frames in (("a.npz", "0:2"), ("b.npz", "2:4")):
+        proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-s", "traj", "--frames", frames, "-o", "", "--detail", name)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = alkpu(tmp_path, "kpu", "--merge", "b.npz", "a.npz", "-o", "merged.out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "merged.out").read_text() == (tmp_path / "model_devi.out").read_text()
     # existing outputs are not overwritten
     before = (tmp_path / "model_devi.out").read_bytes()
     proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-s", "traj", "-o", "model_devi.out")
@@ -180,3 +187,27 @@ def test_bad_inputs_fail_cleanly(trained_model, cu_data, tmp_path):
                  "-s", str(system_dir), "-f", "deepmd/npy", "-o", "out4")
     assert proc.returncode == 2 and "does not belong to model" in proc.stderr
     assert not (tmp_path / "out4").exists()
+
+
+def test_dpdata_driver_labels_and_exports_kpu(trained_model, cu_data, tmp_path, engine):
+    root, graph = trained_model
+    system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")[:3]
+    labelled = system.predict(str(graph), driver="alkpu", seed=7)
+    assert isinstance(labelled, dpdata.LabeledSystem)
+    assert labelled["kpu_atom"].shape == (3, 32) and labelled["kpu_force"].shape == (3,)
+    direct = engine.compute(system)
+    np.testing.assert_allclose(labelled["kpu_atom"], direct.atom_kpu, rtol=1e-10)
+    np.testing.assert_allclose(labelled["kpu_force"], direct.force_kpu, rtol=1e-10)
+    # energies and forces are the model's (DeePMD-kit's own inference agrees)
+    from deepmd.infer import DeepPot
+
+    e, f, _ = DeepPot(str(graph)).eval(system["coords"], system["cells"], system["atom_types"])
+    np.testing.assert_allclose(labelled["energies"], e.ravel(), rtol=1e-10)
+    np.testing.assert_allclose(labelled["forces"], f.reshape(3, 32, 3), atol=1e-10)
+    # exported to deepmd/npy with the KPU arrays, and read back
+    labelled.to("deepmd/npy", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "set.000" / "kpu_atom.npy").is_file()
+    back = dpdata.LabeledSystem(str(tmp_path / "out"), fmt="deepmd/npy")
+    np.testing.assert_allclose(back["kpu_atom"], labelled["kpu_atom"])
+    # slicing keeps the per-frame arrays aligned
+    np.testing.assert_allclose(labelled[1]["kpu_atom"], labelled["kpu_atom"][1:2])

@@ -1,0 +1,173 @@
+"""KPU speed: the batched engine against the paper's per-component algorithm.
+
+Model: the paper's Cu model (se_e2_a, rcut 6.0 / smoothing 5.8 A, embedding
+[25, 25, 25], fitting [50, 50, 50], axis 16: 26,651 weights), trained briefly
+with RLEKF on 108-atom Cu EMT frames, at blocksize 10240 (P about 1.8 GB in
+float64) and at blocksize 1024.  Timing does not depend on how well the model
+is trained.
+
+Per frame it measures
+* paper: for N/2 random atoms x 3 components, one backward pass and one
+  quadratic form (reading every block of P) per component;
+* engine, same numbers: the same N/2 x 3 components through the engine
+  (vectorised backward passes, one symm per block);
+* engine, all atoms: all 3N components (what `alkpu kpu` computes);
+* one energy + force evaluation of the model, for scale;
+and checks that engine and paper agree (max relative difference).
+
+    .venv/bin/python benchmarks/bench_kpu_speed.py [--frames 2] [--out benchmarks/out/kpu_speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def model_input(blocksize: int) -> dict:
+    return {
+        "model": {
+            "type_map": ["Cu"],
+            "descriptor": {"type": "se_e2_a", "sel": [90], "rcut_smth": 5.8, "rcut": 6.0,
+                           "neuron": [25, 25, 25], "axis_neuron": 16, "seed": 1},
+            "fitting_net": {"neuron": [50, 50, 50], "seed": 1},
+        },
+        "learning_rate": {"type": "exp", "start_lr": 0.001, "stop_lr": 3e-5, "decay_steps": 500},
+        "optimizer": {"type": "RLEKF", "blocksize": blocksize},
+        "loss": {"start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+        "training": {
+            "training_data": {"systems": ["../data/train"], "batch_size": 1},
+            "numb_steps": 20, "disp_freq": 10, "save_freq": 20, "seed": 3,
+        },
+    }
+
+
+def prepare(out: Path, blocksize: int) -> Path:
+    from alkpu_plugin.reference import md_frames
+
+    data = out / "data"
+    if not (data / "train").exists():
+        md_frames(300, 20, size=3, seed=1).to("deepmd/npy", str(data / "train"))
+        md_frames(900, 10, size=3, seed=2).to("deepmd/npy", str(data / "test"))
+    run = out / f"bs{blocksize}"
+    graph = run / "graph.pb"
+    if not graph.exists():
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "input.json").write_text(json.dumps(model_input(blocksize), indent=1))
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        subprocess.run([str(BIN / "dp"), "train", "input.json"], cwd=run, env=env, check=True,
+                       capture_output=True)
+        subprocess.run([str(BIN / "dp"), "freeze", "-o", "graph.pb"], cwd=run, env=env, check=True,
+                       capture_output=True)
+    return graph
+
+
+def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
+    import dpdata
+
+    from alkpu_plugin.kalman import kpu as kpu_math
+    from alkpu_plugin.kpu_engine import KPUEngine
+
+    engine = KPUEngine(graph, seed=seed, rows_per_pass=96)
+    kf = engine.kf
+    system = dpdata.System(str(test), fmt="deepmd/npy")
+    _, frames = engine._frames(system, range(nframes))
+    natoms = frames[0].atype.size
+    out = {"weights": kf.layout.n, "blocks": list(kf.layout.block_sizes),
+           "p_bytes": kf.nbytes, "natoms": natoms, "frames": nframes}
+    t = {"paper_grad": 0.0, "paper_quad": 0.0, "same_grad": 0.0, "same_quad": 0.0,
+         "all_grad": 0.0, "all_quad": 0.0, "eval": 0.0}
+    worst = 0.0
+    engine.frame_kpu(frames[0], 0)  # warm-up (graph compilation)
+    engine.jacobian.force_row_bruteforce(frames[0], 0)
+    for index, frame in enumerate(frames):
+        atoms = kpu_math.paper_atoms(natoms, seed, index)
+        comps = (3 * atoms[:, None] + np.arange(3)).ravel()
+        # the paper's algorithm: one backward pass and one quadratic form per component
+        paper = []
+        for c in comps:
+            tic = time.perf_counter()
+            g = engine.jacobian.force_row_bruteforce(frame, int(c))
+            toc = time.perf_counter()
+            paper.append(float(kf.quadratic(g)))
+            t["paper_grad"] += toc - tic
+            t["paper_quad"] += time.perf_counter() - toc
+        # the engine on the same components
+        tic = time.perf_counter()
+        rows = engine.jacobian.force_rows(frame, comps)
+        toc = time.perf_counter()
+        same = kpu_math.component_kpu(kf, rows)
+        t["same_grad"] += toc - tic
+        t["same_quad"] += time.perf_counter() - toc
+        worst = max(worst, float(np.max(np.abs(same - paper) / np.abs(paper))))
+        # the engine on all 3N components
+        tic = time.perf_counter()
+        rows = engine.jacobian.force_rows(frame)
+        toc = time.perf_counter()
+        kpu_math.component_kpu(kf, rows)
+        t["all_grad"] += toc - tic
+        t["all_quad"] += time.perf_counter() - toc
+        tic = time.perf_counter()
+        engine.jacobian.predict(frame)
+        t["eval"] += time.perf_counter() - tic
+    per = {k: v / nframes for k, v in t.items()}
+    paper_total = per["paper_grad"] + per["paper_quad"]
+    same_total = per["same_grad"] + per["same_quad"]
+    all_total = per["all_grad"] + per["all_quad"]
+    out.update({
+        "seconds_per_frame": per,
+        "paper_total": paper_total,
+        "engine_same_total": same_total,
+        "engine_all_total": all_total,
+        "speedup_same_numbers": paper_total / same_total,
+        "speedup_all_atoms_vs_paper_half": paper_total / all_total,
+        "kpu_over_eval_all_atoms": all_total / per["eval"],
+        "max_relative_difference": worst,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    })
+    engine.jacobian.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=2)
+    ap.add_argument("--blocksizes", type=int, nargs="+", default=[10240, 1024])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "kpu_speed"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": {}}
+    for bs in args.blocksizes:
+        graph = prepare(out, bs)
+        # each measurement in its own process so peak memory is per blocksize
+        code = ("import json,sys; sys.path.insert(0, %r); from bench_kpu_speed import measure; "
+                "print(json.dumps(measure(%r, %r, %d)))" % (str(Path(__file__).parent), str(graph),
+                                                              str(out / "data" / "test"), args.frames))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        if proc.returncode != 0:
+            sys.exit(proc.stderr[-3000:])
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        results["runs"][f"blocksize_{bs}"] = res
+        print(f"blocksize {bs}: paper {res['paper_total']:.2f} s/frame, engine (same numbers) "
+              f"{res['engine_same_total']:.2f} s ({res['speedup_same_numbers']:.1f}x), all atoms "
+              f"{res['engine_all_total']:.2f} s; max rel diff {res['max_relative_difference']:.1e}")
+    (out / "kpu_speed.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
