@@ -18,8 +18,10 @@ $(STAMP): setup.cfg pyproject.toml
 test: venv
 	$(PY) -m pytest -ra -q tests
 
+# until the full ALKPU loop lands (alkpu run on examples/cu-emt), the demo is the
+# quick start: EMT data, dp train with RLEKF, dp freeze, alkpu calibrate / kpu
 demo: venv
-	$(VENV)/bin/alkpu demo
+	$(PY) examples/quickstart.py quickstart-run
 
 bench: venv
 	$(PY) benchmarks/bench_rlekf_vs_adam.py

@@ -95,7 +95,8 @@ def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
     for index, frame in enumerate(frames):
         atoms = kpu_math.paper_atoms(natoms, seed, index)
         comps = (3 * atoms[:, None] + np.arange(3)).ravel()
-        # the paper's algorithm: one backward pass and one quadratic form per component
+        # the paper's algorithm: one backward pass and one quadratic form (BLAS symv per
+        # block, reading each block once) per component
         paper = []
         for c in comps:
             tic = time.perf_counter()

@@ -147,7 +147,8 @@ class KalmanFilter:
         """``g^T P g`` for every row g of G (shape (m, n) or (n,)).
 
         Each block of P is read once for all m rows (one BLAS ``symm``), which
-        is what makes many KPU components per model evaluation cheap.
+        is what makes many KPU components per model evaluation cheap; a single
+        row uses ``symv``.
         """
         G = np.asarray(G, dtype=np.float64)
         single = G.ndim == 1
@@ -155,6 +156,12 @@ class KalmanFilter:
         if G2.shape[1] != self.layout.n:
             raise ValueError(f"gradients have {G2.shape[1]} entries, model has {self.layout.n}")
         out = np.zeros(G2.shape[0], dtype=np.float64)
+        if G2.shape[0] == 1:  # one vector: symv reads half of each block, no copies
+            for (a, b), S in zip(self.layout.blocks, self.blocks):
+                h = G2[0, a:b].astype(self.dtype, copy=False)
+                out[0] += float(np.dot(h, self._symv(1.0, S, h)))
+            out *= self.scale
+            return out[0] if single else out
         for (a, b), S in zip(self.layout.blocks, self.blocks):
             g = np.asfortranarray(G2[:, a:b], dtype=self.dtype)
             # (g S) computed from S's upper triangle: side=1 means B*A
