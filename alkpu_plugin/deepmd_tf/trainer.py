@@ -138,6 +138,8 @@ class RLEKFTrainer(DPTrainer):
         self.optimizer_type = "RLEKF"
         if self.mixed_prec is not None:
             raise RLEKFInputError("RLEKF does not support training/mixed_precision; remove it")
+        if self.change_bias_after_training:
+            raise RLEKFInputError("RLEKF does not support training/change_bias_after_training; remove it")
         if jdata["model"].get("modifier") is not None:
             raise RLEKFInputError("RLEKF does not support model/modifier; remove it")
         if self.run_opt.is_distrib:
