@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .kalman import read_meta
 
 __all__ = ["fit", "calibration_path", "load_calibration", "save_calibration", "deciles", "calibrate"]
@@ -70,10 +71,7 @@ def _weights_of(state_path) -> str | None:
 def save_calibration(state_path: str | os.PathLike, calibration: dict) -> Path:
     path = calibration_path(state_path)
     data = {**calibration, "weights_sha256": _weights_of(state_path)}
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=1)), binary=False)
 
 
 def load_calibration(state_path: str | os.PathLike) -> dict | None:

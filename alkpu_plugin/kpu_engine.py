@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write
 from .kalman import kpu as kpu_math
 from .kalman import load_state
 
@@ -115,7 +115,7 @@ class KPUResult:
     def save(self, path: str | os.PathLike) -> Path:
         """All arrays and metadata in one .npz (written atomically)."""
         meta = {**self.meta, "calibration": self.calibration}
-        return _atomic_write(
+        return atomic_write(
             path,
             lambda fh: np.savez(
                 fh,
@@ -146,21 +146,6 @@ class KPUResult:
             first.calibration,
             first.meta,
         )
-
-
-def _atomic_write(path, writer) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------- engine

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write
 
 __all__ = ["HEADER", "write_model_devi", "read_model_devi"]
 
@@ -37,18 +38,7 @@ def write_model_devi(path: str | os.PathLike, steps, atom_sigma) -> Path:
     buf.write("#" + HEADER[1:] + "\n")
     for row in table:
         buf.write("%12d" % row[0] + "".join("%19.6e" % v for v in row[1:]) + "\n")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fh.write(buf.getvalue()), binary=False)
 
 
 def read_model_devi(path: str | os.PathLike) -> np.ndarray:

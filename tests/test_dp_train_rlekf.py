@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alkpu_plugin.kalman import BlockLayout, load_state, read_meta
+from alkpu_plugin.kalman import load_state, read_meta
 
 from .conftest import make_input, read_lcurve, run_dp
 

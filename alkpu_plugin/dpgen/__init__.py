@@ -1,0 +1,1 @@
+"""DP-GEN driver: `alkpu run` (work in progress: parameter handling)."""

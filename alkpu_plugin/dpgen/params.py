@@ -1,0 +1,171 @@
+"""Our keys in a DP-GEN ``param.json``, separated and checked before DP-GEN sees it.
+
+DP-GEN 0.14 validates ``param.json`` strictly and rejects unknown top-level
+keys, so the driver removes ours first:
+
+``"uncertainty"``
+    ``"committee"`` (default): DP-GEN's own run, unchanged.
+    ``"kpu"``: one RLEKF model per iteration, frames selected by KPU.
+``"kpu"``
+    Settings of kpu mode (:func:`kpu_arguments`), checked with dargs in strict
+    mode, in DP-GEN's error style.
+
+Everything else goes to DP-GEN's own schema (``run_jdata_arginfo``) unchanged.
+All checks run before any directory is made or job is submitted.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from dargs import Argument
+
+from ..deepmd_tf.schema import rlekf_arguments
+
+__all__ = ["AlkpuSettings", "ParamError", "split_param", "kpu_arguments", "alkpu_arguments"]
+
+UNCERTAINTY = "uncertainty"
+KPU = "kpu"
+MODES = ("committee", "kpu")
+TRUST_MODES = ("calibrated", "relative")
+
+
+class ParamError(ValueError):
+    """A param.json that cannot run; the message names the key and the fix."""
+
+
+def kpu_arguments() -> list[Argument]:
+    return [
+        Argument(
+            "optimizer", dict, sub_fields=rlekf_arguments(), optional=True, default={},
+            doc="Keys of the RLEKF optimizer (as in `dp train`'s optimizer section, without "
+            "`type`); they replace those derived from default_training_param.",
+        ),
+        Argument(
+            "numb_steps", [int, None], optional=True, default=None,
+            doc="RLEKF training steps per iteration (default: default_training_param's).",
+        ),
+        Argument(
+            "trust", str, optional=True, default="calibrated",
+            extra_check=lambda x: x in TRUST_MODES,
+            extra_check_errmsg='trust must be "calibrated" or "relative"',
+            doc='"calibrated": the calibrated per-atom force uncertainty (eV/A) is compared with '
+            'model_devi_f_trust_lo/hi, as DP-GEN compares its committee deviation. "relative": the '
+            "paper's rule, frame KPU between eps_lo and eps_hi times KPU_train.",
+        ),
+        Argument("eps_lo", [float, None], optional=True, default=None,
+                 doc='With trust "relative": lower multiplier of KPU_train.'),
+        Argument("eps_hi", [float, None], optional=True, default=None,
+                 doc='With trust "relative": upper multiplier of KPU_train.'),
+        Argument("kpu_train_frames", int, optional=True, default=20,
+                 extra_check=lambda x: x > 0, extra_check_errmsg="kpu_train_frames must be positive",
+                 doc="Training frames whose mean force KPU is KPU_train (the paper's code: 20)."),
+        Argument("max_select", [int, None], optional=True, default=None,
+                 doc="Cap on selected frames per iteration (the paper's Maximum; default: DP-GEN's fp_task_max)."),
+        Argument("seed", int, optional=True, default=0, doc="Seed of the paper's N/2 atom draw."),
+        Argument("rows_per_pass", int, optional=True, default=96,
+                 extra_check=lambda x: x > 0, extra_check_errmsg="rows_per_pass must be positive",
+                 doc="Force components per vectorised backward pass."),
+        Argument("select_hook", [str, None], optional=True, default=None,
+                 doc='A user selection function, "module:function", called with the KPU results.'),
+    ]
+
+
+def alkpu_arguments() -> Argument:
+    return Argument(
+        "alkpu",
+        dict,
+        sub_fields=[
+            Argument(
+                UNCERTAINTY, str, optional=True, default="committee",
+                extra_check=lambda x: x in MODES,
+                extra_check_errmsg='uncertainty must be "committee" or "kpu"',
+                doc='"committee": DP-GEN\'s own run. "kpu": ALKPU with one RLEKF model.',
+            ),
+            Argument(KPU, dict, sub_fields=kpu_arguments(), optional=True, default={},
+                     doc="Settings of kpu mode."),
+        ],
+    )
+
+
+@dataclass
+class AlkpuSettings:
+    uncertainty: str = "committee"
+    kpu: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_kpu(self) -> bool:
+        return self.uncertainty == "kpu"
+
+
+def _trust_values(value) -> list[float]:
+    if isinstance(value, dict):
+        return [float(v) for v in value.values()]
+    if isinstance(value, list):
+        return [float(v) for v in value]
+    return [float(value)]
+
+
+def split_param(jdata: dict, check_dpgen: bool = True) -> tuple[dict, AlkpuSettings]:
+    """(DP-GEN's param without our keys, our settings), every check done.
+
+    Raises :class:`ParamError` (or dargs' own errors, in DP-GEN's style) naming
+    the problem; nothing is written.
+    """
+    dpgen = copy.deepcopy(jdata)
+    ours = {k: dpgen.pop(k) for k in (UNCERTAINTY, KPU) if k in dpgen}
+    ours.setdefault(KPU, {})  # so that dargs fills the kpu defaults too
+    arg = alkpu_arguments()
+    ours = arg.normalize_value(ours, trim_pattern="_*")
+    arg.check_value(ours, strict=True)
+    settings = AlkpuSettings(ours[UNCERTAINTY], ours[KPU])
+    if settings.is_kpu:
+        _check_kpu(dpgen, settings.kpu)
+    if check_dpgen:
+        from dpgen.generator.arginfo import run_jdata_arginfo
+        from dpgen.util import normalize
+
+        normalize(run_jdata_arginfo(), copy.deepcopy(dpgen))
+    return dpgen, settings
+
+
+def _check_kpu(dpgen: dict, kpu: dict) -> None:
+    backend = dpgen.get("train_backend", "tensorflow")
+    if backend != "tensorflow":
+        raise ParamError(
+            f'"uncertainty": "kpu" trains with RLEKF, which runs on DeePMD-kit\'s TensorFlow '
+            f'backend; this param.json sets "train_backend": "{backend}". Remove train_backend '
+            'or set it to "tensorflow".'
+        )
+    training = dpgen.get("default_training_param", {})
+    opt = (training.get("optimizer") or {}).get("type")
+    if opt not in (None, "Adam", "RLEKF"):
+        raise ParamError(
+            f'default_training_param/optimizer/type is "{opt}"; kpu mode replaces it with RLEKF. '
+            'Remove it or use "RLEKF".'
+        )
+    if kpu["trust"] == "relative":
+        lo, hi = kpu["eps_lo"], kpu["eps_hi"]
+        if lo is None or hi is None:
+            raise ParamError(
+                'kpu/trust "relative" needs kpu/eps_lo and kpu/eps_hi (multipliers of KPU_train, '
+                "e.g. 1.0 and 2.0)"
+            )
+        if not 0 <= lo <= hi:
+            raise ParamError(f"kpu/eps_lo ({lo}) must be >= 0 and not above kpu/eps_hi ({hi})")
+    else:
+        missing = [k for k in ("model_devi_f_trust_lo", "model_devi_f_trust_hi") if k not in dpgen]
+        if missing:
+            raise ParamError(
+                f"kpu/trust \"calibrated\" compares the calibrated force uncertainty (eV/A) with "
+                f"DP-GEN's trust levels; {' and '.join(missing)} missing. Set them (e.g. 0.05 and "
+                '0.15), or use kpu/trust "relative" with eps_lo/eps_hi.'
+            )
+        for lo, hi in zip(_trust_values(dpgen["model_devi_f_trust_lo"]),
+                          _trust_values(dpgen["model_devi_f_trust_hi"])):
+            if lo > hi:
+                raise ParamError(
+                    f"model_devi_f_trust_lo ({lo}) is above model_devi_f_trust_hi ({hi})"
+                )

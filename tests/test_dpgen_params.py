@@ -1,0 +1,99 @@
+"""Our keys in a DP-GEN param.json: separated, checked, and DP-GEN validates the rest."""
+
+import copy
+
+import pytest
+from dargs.dargs import ArgumentKeyError, ArgumentValueError
+
+from alkpu_plugin.dpgen.params import ParamError, split_param
+
+# a complete DP-GEN 0.14 param.json (LAMMPS exploration, custom fp style)
+PARAM = {
+    "type_map": ["Cu"],
+    "mass_map": [63.546],
+    "init_data_prefix": "data",
+    "init_data_sys": ["init"],
+    "sys_configs_prefix": "confs",
+    "sys_configs": [["POSCAR"]],
+    "numb_models": 4,
+    "default_training_param": {
+        "model": {"descriptor": {"type": "se_e2_a", "sel": [60], "rcut_smth": 3.5, "rcut": 4.5,
+                                 "neuron": [8, 16], "axis_neuron": 4},
+                  "fitting_net": {"neuron": [32, 32]}},
+        "learning_rate": {"type": "exp", "start_lr": 0.001, "stop_lr": 3e-5, "decay_steps": 100},
+        "loss": {"start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+        "training": {"numb_steps": 400, "disp_freq": 100, "save_freq": 400},
+    },
+    "model_devi_dt": 0.002,
+    "model_devi_skip": 0,
+    "model_devi_f_trust_lo": 0.05,
+    "model_devi_f_trust_hi": 0.15,
+    "model_devi_clean_traj": False,
+    "model_devi_jobs": [{"sys_idx": [0], "temps": [300], "press": [1.0], "trj_freq": 10,
+                         "nsteps": 100, "ensemble": "nvt"}],
+    "fp_style": "custom",
+    "fp_task_max": 10,
+    "fp_task_min": 1,
+    "fp_params": {"input_fmt": "ase/json", "input_fn": "input.json", "output_fmt": "ase/json",
+                  "output_fn": "output.json"},
+}
+
+
+def with_keys(**keys):
+    p = copy.deepcopy(PARAM)
+    p.update(keys)
+    return p
+
+
+def test_committee_is_the_default_and_the_param_is_dpgens():
+    dpgen, settings = split_param(PARAM)
+    assert settings.uncertainty == "committee" and not settings.is_kpu
+    assert dpgen == PARAM
+
+
+def test_one_key_switches_to_kpu_and_is_removed_before_dpgen():
+    dpgen, settings = split_param(with_keys(uncertainty="kpu"))
+    assert settings.is_kpu
+    assert "uncertainty" not in dpgen and "kpu" not in dpgen
+    assert dpgen == PARAM
+    assert settings.kpu["trust"] == "calibrated" and settings.kpu["kpu_train_frames"] == 20
+    _, s2 = split_param(with_keys(uncertainty="kpu", kpu={"trust": "relative", "eps_lo": 1.0, "eps_hi": 2.0,
+                                                          "optimizer": {"blocksize": 1024}}))
+    assert s2.kpu["eps_hi"] == 2.0 and s2.kpu["optimizer"]["blocksize"] == 1024
+
+
+def test_dpgen_still_rejects_its_own_unknown_keys():
+    with pytest.raises(ArgumentKeyError, match="undefined key `uncertanity`"):
+        split_param(with_keys(uncertanity="kpu"))
+
+
+@pytest.mark.parametrize(
+    "keys, error, message",
+    [
+        ({"uncertainty": "kpu", "train_backend": "pytorch"}, ParamError,
+         r'runs on DeePMD-kit\'s TensorFlow backend; this param.json sets "train_backend": "pytorch"'),
+        ({"uncertainty": "kpu", "kpu": {"trust": "relative"}}, ParamError,
+         r'trust "relative" needs kpu/eps_lo and kpu/eps_hi'),
+        ({"uncertainty": "kpu", "kpu": {"trust": "relative", "eps_lo": 3.0, "eps_hi": 2.0}}, ParamError,
+         r"eps_lo \(3.0\) must be >= 0 and not above kpu/eps_hi \(2.0\)"),
+        ({"uncertainty": "kpu", "kpu": {"trsut": "relative"}}, ArgumentKeyError,
+         r"undefined key `trsut` is not allowed in strict mode. Did you mean: trust\?"),
+        ({"uncertainty": "kpu", "kpu": {"optimizer": {"blocksize": 0}}}, ArgumentValueError,
+         "blocksize must be a positive integer"),
+        ({"uncertainty": "kpu", "kpu": {"optimizer": {"kalman_lamda": 0.9}}}, ArgumentKeyError,
+         "undefined key `kalman_lamda`"),
+        ({"uncertainty": "bayes"}, ArgumentValueError, 'uncertainty must be "committee" or "kpu"'),
+        ({"uncertainty": "kpu", "model_devi_f_trust_lo": 0.3}, ParamError,
+         r"model_devi_f_trust_lo \(0.3\) is above model_devi_f_trust_hi \(0.15\)"),
+    ],
+)
+def test_bad_kpu_input_is_one_clear_error(keys, error, message):
+    with pytest.raises(error, match=message):
+        split_param(with_keys(**keys))
+
+
+def test_missing_trust_levels_in_calibrated_mode():
+    p = with_keys(uncertainty="kpu")
+    del p["model_devi_f_trust_hi"]
+    with pytest.raises(ParamError, match="model_devi_f_trust_hi missing"):
+        split_param(p)
