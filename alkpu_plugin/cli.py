@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the JSON report here too")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_calibrate)
+    # handled before parsing (see main): listed here for `alkpu -h`
+    sub.add_parser("label", help="label configurations with an ASE calculator (DP-GEN fp_style custom); "
+                   "`alkpu label -h` for its options")
     return parser
 
 
@@ -112,6 +115,11 @@ def main(argv=None) -> int:
     from .kalman import KalmanStateError, LayoutMismatchError
     from .kpu_engine import InputError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["label"]:  # its options are the labeller's own
+        from .labelling import main as label_main
+
+        return label_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

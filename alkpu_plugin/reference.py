@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .labelling import label_atoms
+
 __all__ = ["md_frames", "fcc_cell"]
 
 
@@ -36,10 +38,8 @@ def md_frames(
     Returns a :class:`dpdata.LabeledSystem` with ``nframes`` frames taken every
     ``interval`` steps after ``equilibrate`` steps.
     """
-    import dpdata
     from ase import units
     from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import thermalize_momenta
 
@@ -57,12 +57,5 @@ def md_frames(
     frames = []
     for _ in range(nframes):
         dyn.run(interval)
-        snap = atoms.copy()
-        snap.calc = SinglePointCalculator(
-            snap, energy=atoms.get_potential_energy(), forces=atoms.get_forces()
-        )
-        frames.append(snap)
-    system = dpdata.LabeledSystem(frames[0], fmt="ase/structure")
-    for snap in frames[1:]:
-        system.append(dpdata.LabeledSystem(snap, fmt="ase/structure"))
-    return system
+        frames.append(atoms.copy())
+    return label_atoms(frames, atoms.calc)

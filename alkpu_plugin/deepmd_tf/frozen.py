@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..kalman import BlockLayout, KalmanStateError, read_meta
-from .trainer import STATE_SUFFIX, state_path_for_checkpoint, weights_digest
+from .statefiles import STATE_SUFFIX, state_path_for_checkpoint, weights_digest
 
 __all__ = ["frozen_weights", "find_kalman_state", "check_state_matches_model", "StateNotFoundError"]
 

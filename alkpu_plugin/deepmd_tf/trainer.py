@@ -25,7 +25,6 @@ restart + N steps equals 2N steps.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -40,13 +39,13 @@ from deepmd.tf.utils.sess import run_sess
 from ..kalman import BlockLayout, FilterOptions, KalmanFilter, load_state, save_state
 from ..kalman import rlekf
 from .schema import RLEKFSettings
+from .statefiles import STATE_SUFFIX, state_path_for_checkpoint, weights_digest
 
 # a child of DeePMD-kit's logger, so `dp train` shows our lines in its log
 log = logging.getLogger("deepmd.alkpu_rlekf")
 
-__all__ = ["RLEKFTrainer", "state_path_for_checkpoint", "weights_digest", "RLEKFInputError"]
+__all__ = ["RLEKFTrainer", "RLEKFInputError", "BatchSampler"]
 
-STATE_SUFFIX = ".kalman.npz"
 _ADAM_PLACEHOLDER = {"type": "Adam", "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.0}
 
 
@@ -57,28 +56,6 @@ def _sign(x):
 
 class RLEKFInputError(RuntimeError):
     """The training input or the files it names cannot be used with RLEKF."""
-
-
-def weights_digest(flat: np.ndarray) -> str:
-    """sha256 of the flat weights as little-endian float64."""
-    return hashlib.sha256(np.ascontiguousarray(flat, dtype="<f8").tobytes()).hexdigest()
-
-
-def state_path_for_checkpoint(prefix: str | os.PathLike) -> Path:
-    """The Kalman state beside checkpoint ``prefix`` (links resolved).
-
-    ``model.ckpt`` (DeePMD-kit's links to the newest checkpoint) resolves to
-    ``model.ckpt-<step>`` through ``model.ckpt.index``, so the state found is
-    the one written with that very checkpoint.
-    """
-    prefix = Path(prefix)
-    index = prefix.with_name(prefix.name + ".index")
-    if index.is_symlink() or index.exists():
-        real = Path(os.path.realpath(index))
-        candidate = real.with_name(real.name[: -len(".index")] + STATE_SUFFIX)
-        if candidate.exists():
-            return candidate
-    return prefix.with_name(prefix.name + STATE_SUFFIX)
 
 
 class BatchSampler:
