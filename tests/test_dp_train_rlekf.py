@@ -143,6 +143,19 @@ def test_init_model_continues_the_kalman_state(cu_data, tmp_path):
            input_data=make_input(cu_data, **{"optimizer/reset_state": True,
                                              "training/numb_steps": 4, "training/save_freq": 4}))
     assert read_meta(tmp_path / "c" / "model.ckpt.kalman.npz")["nupdates"] == 4 * 5
+    # an explicit init_state (as a job that receives files by name gets it)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "prev.npz").write_bytes((tmp_path / "a" / "model.ckpt.kalman.npz").read_bytes())
+    run_dp(tmp_path / "d", "train", "input.json", "--init-model", str(tmp_path / "a" / "model.ckpt"),
+           input_data=make_input(cu_data, **{"optimizer/init_state": "prev.npz",
+                                             "training/numb_steps": 2, "training/save_freq": 2}))
+    assert read_meta(tmp_path / "d" / "model.ckpt.kalman.npz")["nupdates"] == (10 + 2) * 5
+    # a state that does not match the checkpoint's weights is refused
+    (tmp_path / "d" / "prev.npz").write_bytes((tmp_path / "c" / "model.ckpt.kalman.npz").read_bytes())
+    proc = run_dp(tmp_path / "d", "train", "input.json", "--init-model", str(tmp_path / "a" / "model.ckpt"),
+                  input_data=make_input(cu_data, **{"optimizer/init_state": "prev.npz",
+                                                    "training/numb_steps": 2}), check=False)
+    assert proc.returncode != 0 and "was saved with other weights" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ class RLEKFSettings:
     seed: int | None = None
     p_dtype: str = "float64"
     reset_state: bool = False
+    init_state: str | None = None
 
     @classmethod
     def from_optimizer(cls, optimizer: dict[str, Any]) -> "RLEKFSettings":
@@ -120,6 +121,12 @@ def rlekf_arguments() -> list[Argument]:
             "reset_state", bool, optional=True, default=d.reset_state,
             doc="With --init-model or --restart: start a fresh filter (P = p0 I, "
             "lambda = lambda_1) instead of continuing the saved Kalman state.",
+        ),
+        Argument(
+            "init_state", [str, None], optional=True, default=d.init_state,
+            doc="With --init-model: the Kalman state to continue (default: the one saved beside "
+            "the checkpoint). Lets a job that receives files by name only (dpdispatcher, DP-GEN) "
+            "bring the previous state along.",
         ),
     ]
 

@@ -210,7 +210,12 @@ class RLEKFTrainer(DPTrainer):
             if prefix is not None:
                 log.info("reset_state: starting a fresh Kalman filter from the weights of %s", prefix)
             return KalmanFilter(self.kf_layout, self._filter_options()), {}
-        path = state_path_for_checkpoint(prefix)
+        if mode == "init_from_model" and self.rlekf.init_state is not None:
+            path = Path(self.rlekf.init_state)
+            if not path.exists():
+                raise RLEKFInputError(f"optimizer/init_state {path} does not exist")
+        else:
+            path = state_path_for_checkpoint(prefix)
         if not path.exists():
             raise RLEKFInputError(
                 f"no Kalman state for checkpoint {prefix}: expected {path}. RLEKF continues "
