@@ -77,6 +77,34 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .dpgen.driver import run
+
+    run(args.param, args.machine)
+    return 0
+
+
+def cmd_lmp_kpu(args) -> int:
+    """LAMMPS, then KPU of its trajectory: one DP-GEN exploration task in kpu mode."""
+    import shlex
+    import subprocess
+
+    from .kpu_engine import KPUEngine, load_configurations
+    from .model_devi import write_model_devi
+
+    rest = [a for a in args.rest if a != "--"]
+    proc = subprocess.run(shlex.split(args.lmp) + rest)
+    if proc.returncode != 0:
+        return proc.returncode
+    engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass)
+    source = Path("traj") if Path("traj").is_dir() else Path("all.lammpstrj")
+    system, steps = load_configurations(source, "lammps/dump", engine.type_map)
+    result = engine.compute(system, steps=steps, progress=False)
+    write_model_devi("model_devi.out", result.steps, result.atom_sigma)
+    result.save("kpu.npz")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alkpu", description="Active learning by Kalman prediction uncertainty (ALKPU) for DeePMD.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the JSON report here too")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("run", help="DP-GEN's loop (`dpgen run`), with ALKPU when param.json has \"uncertainty\": \"kpu\"")
+    p.add_argument("param")
+    p.add_argument("machine")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("lmp-kpu", help="(used by `alkpu run`) run LAMMPS, then write model_devi.out from KPU")
+    p.add_argument("--lmp", default="lmp", help="the LAMMPS command")
+    p.add_argument("--model", required=True)
+    p.add_argument("--kalman-state")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows-per-pass", type=int, default=96)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then LAMMPS's own arguments")
+    p.set_defaults(func=cmd_lmp_kpu)
+
     # handled before parsing (see main): listed here for `alkpu -h`
     sub.add_parser("label", help="label configurations with an ASE calculator (DP-GEN fp_style custom); "
                    "`alkpu label -h` for its options")
@@ -111,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from dargs.dargs import ArgumentError
+
     from .deepmd_tf.frozen import StateNotFoundError
     from .kalman import KalmanStateError, LayoutMismatchError
     from .kpu_engine import InputError
@@ -124,7 +168,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (InputError, KalmanStateError, LayoutMismatchError, StateNotFoundError,
-            FileNotFoundError, ValueError) as exc:
+            FileNotFoundError, ValueError, ArgumentError) as exc:
         print(f"alkpu {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

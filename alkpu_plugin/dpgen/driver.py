@@ -1,0 +1,232 @@
+"""`alkpu run param.json machine.json`: DP-GEN's loop, with ALKPU when asked.
+
+``"uncertainty": "committee"`` (default): DP-GEN's own ``run_iter`` on the
+param.json without our keys.
+
+``"uncertainty": "kpu"``: the same nine steps and the same ``record.dpgen``, by
+DP-GEN's own step functions, with these differences:
+
+* training: one model (``numb_models`` = 1) with ``"optimizer": {"type":
+  "RLEKF", ...}`` (the ``kpu/optimizer`` keys on top); the Kalman state comes
+  back with the model (``train_user_backward_files``) and, when DP-GEN
+  continues training from the previous iteration, goes forward with it
+  (``train_user_forward_files`` + the optimizer's ``init_state``);
+* after training: the state is linked as ``00.train/kalman.000.npz`` (not a
+  ``graph*`` name) and KPU is calibrated on the training data;
+* exploration: LAMMPS with the single model, then ``alkpu kpu`` in the same
+  task (``model_devi_command`` is wrapped), which writes ``model_devi.out``;
+  DP-GEN's own selection (``make_fp``), labelling and ``post_fp`` follow.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+from .params import split_param
+
+__all__ = ["run", "kpu_jdata", "STEP_NAMES"]
+
+log = logging.getLogger("dpgen")
+
+STEP_NAMES = ("make_train", "run_train", "post_train", "make_model_devi", "run_model_devi",
+              "post_model_devi", "make_fp", "run_fp", "post_fp")
+STATE_LINK = "kalman.000.npz"
+CALIBRATION_LINK = "kalman.000.calibration.json"
+
+
+def run(param_file: str, machine_file: str) -> None:
+    """Run (or continue, from record.dpgen) an active-learning loop in the current directory."""
+    from dpgen.util import load_file
+
+    jdata_in = load_file(param_file)
+    dpgen_jdata, settings = split_param(jdata_in)  # every check before any work
+    if not settings.is_kpu:
+        from dpgen.generator.run import run_iter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            stripped = os.path.join(tmp, os.path.basename(param_file))
+            with open(stripped, "w") as fh:
+                json.dump(dpgen_jdata, fh, indent=4)
+            run_iter(stripped, machine_file)
+        return
+    _run_kpu(dpgen_jdata, settings.kpu, load_file(machine_file))
+
+
+def kpu_jdata(jdata: dict, kpu: dict) -> dict:
+    """DP-GEN's param for kpu mode: one RLEKF model."""
+    jd = copy.deepcopy(jdata)
+    jd["numb_models"] = 1
+    train = jd["default_training_param"]
+    train["optimizer"] = {"type": "RLEKF", **kpu.get("optimizer", {})}
+    if kpu.get("numb_steps"):
+        train.setdefault("training", {})["numb_steps"] = kpu["numb_steps"]
+    return jd
+
+
+def _run_kpu(jdata: dict, kpu: dict, mdata_in: dict) -> None:
+    import alkpu_plugin.deepmd_tf.schema  # noqa: F401  (RLEKF keys known to DeePMD's argcheck)
+    from dpgen.generator.arginfo import run_jdata_arginfo
+    from dpgen.generator.run import (
+        make_fp, make_model_devi, make_train, post_fp, post_model_devi, post_train,
+        record_iter, run_fp, run_model_devi, run_train, update_mass_map,
+    )
+    from dpgen.remote.decide_machine import convert_mdata
+    from dpgen.util import normalize
+
+    jdata = normalize(run_jdata_arginfo(), kpu_jdata(jdata, kpu))
+    update_mass_map(jdata)
+    mdata = convert_mdata(mdata_in)
+    record = "record.dpgen"
+    done = (0, -1)
+    if os.path.isfile(record):
+        lines = [ln.split() for ln in Path(record).read_text().splitlines() if ln.strip()]
+        if lines:
+            done = tuple(int(x) for x in lines[-1])
+    ii = -1
+    while True:
+        ii += 1
+        if ii < done[0]:
+            continue
+        for jj, name in enumerate(STEP_NAMES):
+            if (ii, jj) <= done:
+                continue
+            log.info("ALKPU iter.%06d task %02d: %s", ii, jj, name)
+            md = _mdata_for(ii, jdata, mdata, kpu)
+            if name == "make_train":
+                make_train(ii, jdata, md)
+                _set_init_state(ii, jdata)
+            elif name == "run_train":
+                run_train(ii, jdata, md)
+            elif name == "post_train":
+                post_train(ii, jdata, md)
+                _after_training(ii, jdata, kpu)
+            elif name == "make_model_devi":
+                if not make_model_devi(ii, jdata, md):
+                    return
+            elif name == "run_model_devi":
+                run_model_devi(ii, jdata, md)
+            elif name == "post_model_devi":
+                post_model_devi(ii, jdata, md)
+            elif name == "make_fp":
+                make_fp(ii, jdata, md)
+            elif name == "run_fp":
+                run_fp(ii, jdata, md)
+            elif name == "post_fp":
+                post_fp(ii, jdata)
+            record_iter(record, ii, jj)
+
+
+# ---------------------------------------------------------------- per step
+def _iter_dir(ii: int) -> Path:
+    from dpgen.generator.run import make_iter_name
+
+    return Path(make_iter_name(ii))
+
+
+def _continues(ii: int, jdata: dict) -> bool:
+    """Whether DP-GEN trains iteration ii from the previous model (--init-model)."""
+    reuse = jdata.get("training_reuse_iter")
+    return ii > 0 and (jdata.get("training_init_model", False) or (reuse is not None and ii >= reuse))
+
+
+def _mdata_for(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
+    """machine data for iteration ii: the Kalman state travels with the jobs."""
+    md = copy.deepcopy(mdata)
+    train_dir = (_iter_dir(ii) / "00.train").resolve()
+    md["train_user_backward_files"] = list(md.get("train_user_backward_files", [])) + [
+        "model.ckpt.kalman.npz"]
+    if _continues(ii, jdata):
+        prev = _iter_dir(ii - 1) / "00.train" / STATE_LINK
+        if prev.exists():
+            md["train_user_forward_files"] = list(md.get("train_user_forward_files", [])) + [str(prev)]
+    state = train_dir / STATE_LINK
+    forward = [str(_iter_dir(ii) / "00.train" / STATE_LINK)] if state.exists() else []
+    if (train_dir / CALIBRATION_LINK).exists():
+        forward.append(str(_iter_dir(ii) / "00.train" / CALIBRATION_LINK))
+    md["model_devi_user_forward_files"] = list(md.get("model_devi_user_forward_files", [])) + forward
+    md["model_devi_user_backward_files"] = list(md.get("model_devi_user_backward_files", [])) + ["kpu.npz"]
+    lmp = md.get("model_devi_command", "lmp")
+    md["model_devi_command"] = (
+        f"alkpu lmp-kpu --lmp {shlex.quote(lmp)} --model ../graph.000.pb --kalman-state {STATE_LINK} "
+        f"--seed {int(kpu.get('seed', 0))} --rows-per-pass {int(kpu.get('rows_per_pass', 96))} --"
+    )
+    return md
+
+
+def _set_init_state(ii: int, jdata: dict) -> None:
+    """Point the RLEKF optimizer at the forwarded previous state when DP-GEN continues training."""
+    if not _continues(ii, jdata):
+        return
+    prev = _iter_dir(ii - 1) / "00.train" / STATE_LINK
+    if not prev.exists():
+        raise FileNotFoundError(
+            f"iteration {ii} continues training from {_iter_dir(ii - 1)}/00.train, but its Kalman state "
+            f"{prev} is missing; kpu mode needs the state saved with the model"
+        )
+    task_input = _iter_dir(ii) / "00.train" / "000" / "input.json"
+    data = json.loads(task_input.read_text())
+    data.setdefault("optimizer", {})["init_state"] = STATE_LINK
+    task_input.write_text(json.dumps(data, indent=4))
+
+
+def _after_training(ii: int, jdata: dict, kpu: dict) -> None:
+    """Link the state as kalman.000.npz and calibrate KPU on the training data."""
+    train_dir = _iter_dir(ii) / "00.train"
+    state = train_dir / "000" / "model.ckpt.kalman.npz"
+    if not state.exists():
+        raise FileNotFoundError(f"training left no Kalman state {state}")
+    link = train_dir / STATE_LINK
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.join("000", "model.ckpt.kalman.npz"))
+    if kpu.get("trust", "calibrated") == "calibrated":
+        _calibrate(ii, jdata, train_dir, kpu)
+
+
+def _training_systems(ii: int, jdata: dict):
+    """The labelled data the model of iteration ii was trained on (dpdata systems)."""
+    import glob
+
+    import dpdata
+
+    dirs = [os.path.join(jdata["init_data_prefix"], s) for s in jdata["init_data_sys"]]
+    for jj in range(ii):
+        dirs += sorted(p for p in glob.glob(str(_iter_dir(jj) / "02.fp" / "data.*" / "**" / "type.raw"),
+                                            recursive=True))
+    systems = []
+    for d in dirs:
+        d = os.path.dirname(d) if d.endswith("type.raw") else d
+        systems.append(dpdata.LabeledSystem(d, fmt="deepmd/npy", type_map=jdata["type_map"]))
+    return systems
+
+
+def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int = 30) -> None:
+    import numpy as np
+
+    from ..calibration import calibrate, fit, save_calibration
+    from ..kpu_engine import KPUEngine
+
+    engine = KPUEngine(train_dir / "graph.000.pb", train_dir / STATE_LINK, seed=int(kpu.get("seed", 0)),
+                       rows_per_pass=int(kpu.get("rows_per_pass", 96)))
+    kpus, errs = [], []
+    rng = np.random.default_rng([int(kpu.get("seed", 0)), ii])
+    for system in _training_systems(ii, jdata):
+        n = system.get_nframes()
+        frames = np.sort(rng.choice(n, size=min(n, max_frames), replace=False))
+        _, k, e = calibrate(engine, system, frames=frames, progress=False)
+        kpus.append(k.ravel())
+        errs.append(e.ravel())
+    cal = fit(np.concatenate(kpus), np.concatenate(errs))
+    cal["fitted_on"] = "training data (in-sample)"
+    saved = save_calibration(train_dir / STATE_LINK, cal)
+    link = train_dir / CALIBRATION_LINK
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(os.path.relpath(saved, train_dir))
+    log.info("ALKPU calibration: |dF|^2 = %.4g * KPU + %.4g (%d atoms)", cal["a"], cal["b"], cal["n_atoms"])

@@ -1,0 +1,135 @@
+"""`alkpu run` in kpu mode: a real tiny iteration through dpdispatcher's Shell machine.
+
+Real parts: DP-GEN 0.14's step functions, `dp train` (RLEKF), `dp freeze`, LAMMPS with the DeePMD
+pair style, the KPU engine, DP-GEN's selection, EMT labelling through the custom fp style, post_fp.
+"""
+
+import copy
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dpdata
+import numpy as np
+import pytest
+
+from .conftest import QUIET_ENV
+from .test_dpgen_params import PARAM
+
+pytestmark = pytest.mark.slow
+ALKPU = str(Path(sys.executable).parent / "alkpu")
+
+
+def make_workdir(root: Path, **changes) -> Path:
+    from alkpu_plugin.reference import fcc_cell, md_frames
+
+    root.mkdir(parents=True, exist_ok=True)
+    md_frames(300, 20, seed=1).to("deepmd/npy", str(root / "data" / "init"))
+    (root / "confs").mkdir()
+    dpdata.System(fcc_cell("Cu", 2), fmt="ase/structure").to("vasp/poscar", str(root / "confs" / "POSCAR"))
+    p = copy.deepcopy(PARAM)
+    p["uncertainty"] = "kpu"
+    p["default_training_param"]["training"].update({"numb_steps": 50, "disp_freq": 25, "save_freq": 50})
+    p["fp_params"] = {"input_fmt": "deepmd/npy", "input_fn": "input",
+                      "output_fmt": "deepmd/npy", "output_fn": "labelled"}
+    p["model_devi_f_trust_lo"], p["model_devi_f_trust_hi"] = 0.02, 50.0
+    p["model_devi_jobs"][0]["nsteps"] = 50
+    p.update(changes)
+    (root / "param.json").write_text(json.dumps(p, indent=1))
+
+    def machine(command):
+        return {"command": command,
+                "machine": {"batch_type": "Shell", "context_type": "LocalContext", "local_root": "./",
+                            "remote_root": str(root / "remote")},
+                "resources": {"number_node": 1, "cpu_per_node": 1, "gpu_per_node": 0, "group_size": 1}}
+
+    (root / "remote").mkdir()
+    (root / "machine.json").write_text(json.dumps(
+        {"api_version": "1.0", "train": machine("dp"), "model_devi": machine("lmp"),
+         "fp": machine("alkpu label -i input -o labelled")}, indent=1))
+    return root
+
+
+def alkpu_run(root, **kw):
+    return subprocess.Popen([ALKPU, "run", "param.json", "machine.json"], cwd=root,
+                            env={**os.environ, **QUIET_ENV, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def records(root):
+    path = Path(root) / "record.dpgen"
+    return [tuple(map(int, ln.split())) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_one_kpu_iteration_killed_and_resumed(tmp_path):
+    root = make_workdir(tmp_path / "run")
+    # run until exploration is prepared, then kill it (between steps)
+    proc = alkpu_run(root)
+    deadline = time.time() + 600
+    while (0, 3) not in records(root):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    trained = root / "iter.000000" / "00.train" / "000" / "frozen_model.pb"
+    stamp = trained.stat().st_mtime_ns
+    # resume: finishes, finished steps are not redone
+    proc = alkpu_run(root)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    done = records(root)
+    assert done[-1] == (1, 2)  # one exploration job: iteration 1 stops after training
+    assert len(done) == len(set(done)) and done == sorted(done)
+    assert trained.stat().st_mtime_ns == stamp
+
+    it0 = root / "iter.000000"
+    # one RLEKF model; the Kalman state beside it, never taken for a model
+    assert sorted(p.name for p in (it0 / "00.train").glob("0*")) == ["000"]
+    assert json.loads((it0 / "00.train" / "000" / "input.json").read_text())["optimizer"]["type"] == "RLEKF"
+    assert sorted(os.path.basename(p) for p in glob.glob(str(it0 / "00.train" / "graph*pb"))) == ["graph.000.pb"]
+    state = it0 / "00.train" / "kalman.000.npz"
+    from alkpu_plugin.deepmd_tf.frozen import find_kalman_state
+
+    assert find_kalman_state(it0 / "00.train" / "graph.000.pb", state)  # digest matches the model
+    assert (it0 / "00.train" / "kalman.000.calibration.json").is_file()
+    # exploration: LAMMPS with one model, model_devi.out written from KPU
+    task = it0 / "01.model_devi" / "task.000.000000"
+    table = np.loadtxt(task / "model_devi.out", ndmin=2)
+    np.testing.assert_array_equal(table[:, 0], np.arange(0, 51, 10))
+    assert np.all(table[:, 4] > 0) and np.all(table[:, 1:4] == 0)
+    from alkpu_plugin.kpu_engine import KPUResult
+
+    detail = KPUResult.load(task / "kpu.npz")
+    np.testing.assert_allclose(table[:, 4], detail.atom_sigma.max(axis=1), rtol=1e-6)
+    # DP-GEN's own selection on those columns, then EMT labels collected by post_fp
+    candidates = (it0 / "02.fp" / "candidate.shuffled.000.out").read_text().split("\n")
+    selected = int(((table[:, 4] >= 0.02) & (table[:, 4] < 50.0)).sum())
+    assert len([c for c in candidates if c.strip()]) == selected
+    fp_tasks = sorted((it0 / "02.fp").glob("task.*"))
+    assert len(fp_tasks) == min(selected, PARAM["fp_task_max"]) > 0
+    (sysdir,) = {p.parent for p in (it0 / "02.fp" / "data.000").rglob("type.raw")}
+    labelled = dpdata.LabeledSystem(str(sysdir), fmt="deepmd/npy")
+    assert labelled.get_nframes() == len(fp_tasks)
+    from ase.calculators.emt import EMT
+
+    atoms = labelled.to("ase/structure")[0]
+    atoms.calc = EMT()
+    np.testing.assert_allclose(labelled["forces"][0], atoms.get_forces(), atol=1e-6)
+    # iteration 1 trained on the labelled frames too
+    assert (root / "iter.000001" / "00.train" / "kalman.000.npz").exists()
+
+
+def test_bad_kpu_param_fails_before_any_work(tmp_path):
+    root = make_workdir(tmp_path / "bad", train_backend="pytorch")
+    proc = alkpu_run(root)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert '"train_backend": "pytorch"' in out
+    assert not list(root.glob("iter.*")) and not (root / "record.dpgen").exists()
