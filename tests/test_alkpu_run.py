@@ -57,7 +57,9 @@ def make_workdir(root: Path, **changes) -> Path:
 
 def alkpu_run(root, **kw):
     return subprocess.Popen([ALKPU, "run", "param.json", "machine.json"], cwd=root,
-                            env={**os.environ, **QUIET_ENV, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            env={**os.environ, **QUIET_ENV, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                 # the jobs' shells find dp, lmp and alkpu of this environment
+                                 "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
@@ -68,7 +70,7 @@ def records(root):
 
 
 def test_one_kpu_iteration_killed_and_resumed(tmp_path):
-    root = make_workdir(tmp_path / "run")
+    root = make_workdir(tmp_path / "run", training_reuse_iter=1, training_reuse_numb_steps=40)
     # run until exploration is prepared, then kill it (between steps)
     proc = alkpu_run(root)
     deadline = time.time() + 600
@@ -122,8 +124,12 @@ def test_one_kpu_iteration_killed_and_resumed(tmp_path):
     atoms = labelled.to("ase/structure")[0]
     atoms.calc = EMT()
     np.testing.assert_allclose(labelled["forces"][0], atoms.get_forces(), atol=1e-6)
-    # iteration 1 trained on the labelled frames too
-    assert (root / "iter.000001" / "00.train" / "kalman.000.npz").exists()
+    # iteration 1 continued the model and its Kalman state (DP-GEN's training_reuse_iter)
+    from alkpu_plugin.kalman import read_meta
+
+    it1 = root / "iter.000001" / "00.train"
+    assert json.loads((it1 / "000" / "input.json").read_text())["optimizer"]["init_state"] == "kalman.000.npz"
+    assert read_meta(it1 / "kalman.000.npz")["nupdates"] == read_meta(state)["nupdates"] + 40 * 5
 
 
 def test_bad_kpu_param_fails_before_any_work(tmp_path):
@@ -133,3 +139,27 @@ def test_bad_kpu_param_fails_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert '"train_backend": "pytorch"' in out
     assert not list(root.glob("iter.*")) and not (root / "record.dpgen").exists()
+
+
+def test_paper_relative_trust_rule(tmp_path):
+    root = make_workdir(tmp_path / "rel", kpu={"trust": "relative", "eps_lo": 1.2, "eps_hi": 50.0,
+                                               "kpu_train_frames": 5, "numb_steps": 30})
+    proc = alkpu_run(root)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    it0 = root / "iter.000000"
+    kpu_train = json.loads((it0 / "00.train" / "kalman.000.kpu_train.json").read_text())
+    assert kpu_train["frames"] == 5 and kpu_train["kpu_train"] > 0
+    assert json.loads((it0 / "00.train" / "000" / "input.json").read_text())["training"]["numb_steps"] == 30
+    task = it0 / "01.model_devi" / "task.000.000000"
+    table = np.loadtxt(task / "model_devi.out", ndmin=2)
+    from alkpu_plugin.kpu_engine import KPUResult
+
+    detail = KPUResult.load(task / "kpu.npz")
+    np.testing.assert_allclose(table[:, 4], detail.force_kpu / kpu_train["kpu_train"], rtol=1e-6)
+    # DP-GEN selected with eps_lo / eps_hi in place of its trust levels
+    selected = int(((table[:, 4] >= 1.2) & (table[:, 4] < 50.0)).sum())
+    candidates = [c for c in (it0 / "02.fp" / "candidate.shuffled.000.out").read_text().split("\n") if c.strip()]
+    accurate = [c for c in (it0 / "02.fp" / "rest_accurate.shuffled.000.out").read_text().split("\n") if c.strip()]
+    assert len(candidates) == selected
+    assert len(accurate) == int((table[:, 4] < 1.2).sum())

@@ -38,6 +38,7 @@ STEP_NAMES = ("make_train", "run_train", "post_train", "make_model_devi", "run_m
               "post_model_devi", "make_fp", "run_fp", "post_fp")
 STATE_LINK = "kalman.000.npz"
 CALIBRATION_LINK = "kalman.000.calibration.json"
+KPU_TRAIN = "kalman.000.kpu_train.json"
 
 
 def run(param_file: str, machine_file: str) -> None:
@@ -66,6 +67,11 @@ def kpu_jdata(jdata: dict, kpu: dict) -> dict:
     train["optimizer"] = {"type": "RLEKF", **kpu.get("optimizer", {})}
     if kpu.get("numb_steps"):
         train.setdefault("training", {})["numb_steps"] = kpu["numb_steps"]
+    if kpu.get("trust") == "relative":
+        # model_devi.out then holds frame KPU / KPU_train, so DP-GEN's own
+        # selection applies the paper's rule with eps_lo, eps_hi as trust levels
+        jd["model_devi_f_trust_lo"] = kpu["eps_lo"]
+        jd["model_devi_f_trust_hi"] = kpu["eps_hi"]
     return jd
 
 
@@ -152,9 +158,12 @@ def _mdata_for(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
     md["model_devi_user_forward_files"] = list(md.get("model_devi_user_forward_files", [])) + forward
     md["model_devi_user_backward_files"] = list(md.get("model_devi_user_backward_files", [])) + ["kpu.npz"]
     lmp = md.get("model_devi_command", "lmp")
+    relative = ""
+    if (train_dir / KPU_TRAIN).exists():
+        relative = f"--relative-to {json.loads((train_dir / KPU_TRAIN).read_text())['kpu_train']!r} "
     md["model_devi_command"] = (
         f"alkpu lmp-kpu --lmp {shlex.quote(lmp)} --model ../graph.000.pb --kalman-state {STATE_LINK} "
-        f"--seed {int(kpu.get('seed', 0))} --rows-per-pass {int(kpu.get('rows_per_pass', 96))} --"
+        f"--seed {int(kpu.get('seed', 0))} --rows-per-pass {int(kpu.get('rows_per_pass', 96))} {relative}--"
     )
     return md
 
@@ -187,6 +196,8 @@ def _after_training(ii: int, jdata: dict, kpu: dict) -> None:
     link.symlink_to(os.path.join("000", "model.ckpt.kalman.npz"))
     if kpu.get("trust", "calibrated") == "calibrated":
         _calibrate(ii, jdata, train_dir, kpu)
+    else:
+        _kpu_train(ii, jdata, train_dir, kpu)
 
 
 def _training_systems(ii: int, jdata: dict):
@@ -204,6 +215,27 @@ def _training_systems(ii: int, jdata: dict):
         d = os.path.dirname(d) if d.endswith("type.raw") else d
         systems.append(dpdata.LabeledSystem(d, fmt="deepmd/npy", type_map=jdata["type_map"]))
     return systems
+
+
+def _kpu_train(ii: int, jdata: dict, train_dir: Path, kpu: dict) -> None:
+    """KPU_train: mean force KPU of the newest kpu_train_frames training frames (the paper's code: 20)."""
+    import numpy as np
+
+    from ..kpu_engine import KPUEngine
+
+    engine = KPUEngine(train_dir / "graph.000.pb", train_dir / STATE_LINK, seed=int(kpu.get("seed", 0)),
+                       rows_per_pass=int(kpu.get("rows_per_pass", 96)))
+    want = int(kpu.get("kpu_train_frames", 20))
+    values = []
+    for system in reversed(_training_systems(ii, jdata)):  # newest data first
+        n = system.get_nframes()
+        take = min(n, want - len(values))
+        values += engine.compute(system, frames=range(n - take, n), progress=False).force_kpu.tolist()
+        if len(values) >= want:
+            break
+    value = float(np.mean(values))
+    (train_dir / KPU_TRAIN).write_text(json.dumps({"kpu_train": value, "frames": len(values)}))
+    log.info("ALKPU KPU_train = %.6g (mean force KPU of %d training frames)", value, len(values))
 
 
 def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int = 30) -> None:
