@@ -69,8 +69,11 @@ def records(root):
     return [tuple(map(int, ln.split())) for ln in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_one_kpu_iteration_killed_and_resumed(tmp_path):
-    root = make_workdir(tmp_path / "run", training_reuse_iter=1, training_reuse_numb_steps=40)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A kpu-mode run killed between steps, resumed and finished: (root, mtime record)."""
+    root = make_workdir(tmp_path_factory.mktemp("kpu") / "run", training_reuse_iter=1,
+                        training_reuse_numb_steps=40)
     # run until exploration is prepared, then kill it (between steps)
     proc = alkpu_run(root)
     deadline = time.time() + 600
@@ -80,12 +83,17 @@ def test_one_kpu_iteration_killed_and_resumed(tmp_path):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    trained = root / "iter.000000" / "00.train" / "000" / "frozen_model.pb"
-    stamp = trained.stat().st_mtime_ns
+    stamp = (root / "iter.000000" / "00.train" / "000" / "frozen_model.pb").stat().st_mtime_ns
     # resume: finishes, finished steps are not redone
     proc = alkpu_run(root)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-5000:]
+    return root, stamp
+
+
+def test_one_kpu_iteration_killed_and_resumed(finished_run):
+    root, stamp = finished_run
+    trained = root / "iter.000000" / "00.train" / "000" / "frozen_model.pb"
     done = records(root)
     assert done[-1] == (1, 2)  # one exploration job: iteration 1 stops after training
     assert len(done) == len(set(done)) and done == sorted(done)
@@ -163,3 +171,56 @@ def test_paper_relative_trust_rule(tmp_path):
     accurate = [c for c in (it0 / "02.fp" / "rest_accurate.shuffled.000.out").read_text().split("\n") if c.strip()]
     assert len(candidates) == selected
     assert len(accurate) == int((table[:, 4] < 1.2).sum())
+
+
+def test_slurm_job_scripts_carry_the_kalman_state(finished_run, monkeypatch):
+    """Generate (do not run) the Slurm jobs of the kpu steps; only the submission is intercepted."""
+    import dpgen.generator.run as dprun
+    from dpgen.remote.decide_machine import convert_mdata
+
+    from alkpu_plugin.dpgen import driver
+    from alkpu_plugin.dpgen.params import split_param
+
+    root, _ = finished_run
+    monkeypatch.chdir(root)
+    slurm = {"batch_type": "Slurm", "context_type": "LazyLocalContext", "local_root": "./"}
+    resources = {"number_node": 1, "cpu_per_node": 4, "gpu_per_node": 0, "queue_name": "cpu",
+                 "group_size": 1}
+    mdata = convert_mdata({"api_version": "1.0",
+                           "train": {"command": "dp", "machine": slurm, "resources": resources},
+                           "model_devi": {"command": "lmp", "machine": slurm, "resources": resources},
+                           "fp": {"command": "alkpu label -i input -o labelled", "machine": slurm,
+                                  "resources": resources}})
+    captured = []
+    real = dprun.make_submission
+
+    def capture(*args, **kwargs):
+        submission = real(*args, **kwargs)
+        submission.run_submission = lambda *a, **k: captured.append(submission)
+        return submission
+
+    monkeypatch.setattr(dprun, "make_submission", capture)
+    jdata, settings = split_param(json.loads(Path("param.json").read_text()))
+    from dpgen.generator.arginfo import run_jdata_arginfo
+    from dpgen.util import normalize
+
+    jdata = normalize(run_jdata_arginfo(), driver.kpu_jdata(jdata, settings.kpu))
+    dprun.run_train(1, jdata, driver._mdata_for(1, jdata, mdata, settings.kpu))
+    dprun.run_model_devi(0, jdata, driver._mdata_for(0, jdata, mdata, settings.kpu))
+    train, explore = captured
+    (train_task,) = train.belonging_tasks
+    assert "kalman.000.npz" in train_task.forward_files  # the previous state goes up
+    assert "model.ckpt.kalman.npz" in train_task.backward_files  # the new one comes back
+    assert "--init-model old/model.ckpt" in train_task.command
+    (md_task,) = explore.belonging_tasks
+    assert {"kalman.000.npz", "kalman.000.calibration.json"} <= set(md_task.forward_files)
+    assert "kpu.npz" in md_task.backward_files and "model_devi.out" in md_task.backward_files
+    assert "alkpu lmp-kpu --lmp lmp --model ../graph.000.pb --kalman-state kalman.000.npz" in md_task.command
+    assert [f for f in explore.forward_common_files if "graph" in f] == ["graph.000.pb"]
+    for submission in (train, explore):
+        submission.generate_jobs()
+        script = submission.machine.gen_script(submission.belonging_jobs[0])
+        assert "#SBATCH" in script and "--partition cpu" in script
+    # the tasks' commands go to the job's .run file, which the Slurm script sources
+    assert "alkpu lmp-kpu" in explore.machine.gen_script_command(explore.belonging_jobs[0])
+    assert "dp train input.json" in train.machine.gen_script_command(train.belonging_jobs[0])
