@@ -62,14 +62,10 @@ def kpu_arguments() -> list[Argument]:
         Argument("kpu_train_frames", int, optional=True, default=20,
                  extra_check=lambda x: x > 0, extra_check_errmsg="kpu_train_frames must be positive",
                  doc="Training frames whose mean force KPU is KPU_train (the paper's code: 20)."),
-        Argument("max_select", [int, None], optional=True, default=None,
-                 doc="Cap on selected frames per iteration (the paper's Maximum; default: DP-GEN's fp_task_max)."),
         Argument("seed", int, optional=True, default=0, doc="Seed of the paper's N/2 atom draw."),
         Argument("rows_per_pass", int, optional=True, default=96,
                  extra_check=lambda x: x > 0, extra_check_errmsg="rows_per_pass must be positive",
                  doc="Force components per vectorised backward pass."),
-        Argument("select_hook", [str, None], optional=True, default=None,
-                 doc='A user selection function, "module:function", called with the KPU results.'),
     ]
 
 
