@@ -40,6 +40,7 @@ def make_workdir(root: Path, **changes) -> Path:
     p["model_devi_f_trust_lo"], p["model_devi_f_trust_hi"] = 0.02, 50.0
     p["model_devi_jobs"][0]["nsteps"] = 50
     p.update(changes)
+    p = {k: v for k, v in p.items() if v is not None}  # None: leave the key out
     (root / "param.json").write_text(json.dumps(p, indent=1))
 
     def machine(command):
@@ -224,3 +225,54 @@ def test_slurm_job_scripts_carry_the_kalman_state(finished_run, monkeypatch):
     # the tasks' commands go to the job's .run file, which the Slurm script sources
     assert "alkpu lmp-kpu" in explore.machine.gen_script_command(explore.belonging_jobs[0])
     assert "dp train input.json" in train.machine.gen_script_command(train.belonging_jobs[0])
+
+
+def test_committee_mode_writes_what_dpgen_run_writes(tmp_path, monkeypatch):
+    """Same input, `dpgen run` and `alkpu run` with "uncertainty": "committee": the same files."""
+    import random
+
+    from dpgen.generator.run import run_iter
+
+    from alkpu_plugin.dpgen.driver import run
+
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    for key, value in {**QUIET_ENV, "TF_CPP_MIN_LOG_LEVEL": "3"}.items():
+        monkeypatch.setenv(key, value)
+    common = {"numb_models": 2, "fp_task_max": 2}
+    a = make_workdir(tmp_path / "dpgen", uncertainty=None, **common)
+    b = make_workdir(tmp_path / "alkpu", uncertainty="committee", **common)
+    for root, go in ((a, run_iter), (b, run)):
+        monkeypatch.chdir(root)
+        random.seed(7)  # DP-GEN draws training seeds and shuffles candidates with these
+        np.random.seed(7)
+        go("param.json", "machine.json")
+    skip = ("train.log", "model_devi.log", "output", "checkpoint")
+    files_a = sorted(p.relative_to(a) for p in a.glob("iter.*/**/*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.glob("iter.*/**/*") if p.is_file())
+    assert files_a == files_b and len(files_a) > 30
+    assert (a / "record.dpgen").read_text() == (b / "record.dpgen").read_text()
+    differ = [str(f) for f in files_a
+              if f.name not in skip and not f.name.endswith(("_last_err_file", "err", "log"))
+              and not same_content(a / f, b / f)]
+    assert differ == []
+
+
+def same_content(x: Path, y: Path) -> bool:
+    """Equal bytes; for TensorFlow protobufs equal graphs (protobuf map order is not stable, also
+    inside the checkpoint meta's serialised cond contexts, so for .meta the graph is compared);
+    for model_devi.out equal numbers to 1e-12 (LAMMPS's ~0 virial deviations vary at 1e-17)."""
+    if x.read_bytes() == y.read_bytes():
+        return True
+    if x.suffix in (".pb", ".meta"):
+        from deepmd.tf.env import tf
+
+        kind = tf.GraphDef if x.suffix == ".pb" else tf.compat.v1.MetaGraphDef
+        gx, gy = kind(), kind()
+        gx.ParseFromString(x.read_bytes())
+        gy.ParseFromString(y.read_bytes())
+        if x.suffix == ".meta":
+            gx, gy = gx.graph_def, gy.graph_def
+        return gx.SerializeToString(deterministic=True) == gy.SerializeToString(deterministic=True)
+    if x.name == "model_devi.out":
+        return np.allclose(np.loadtxt(x), np.loadtxt(y), rtol=0, atol=1e-12)
+    return False
