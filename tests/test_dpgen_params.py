@@ -97,3 +97,23 @@ def test_missing_trust_levels_in_calibrated_mode():
     del p["model_devi_f_trust_hi"]
     with pytest.raises(ParamError, match="model_devi_f_trust_hi missing"):
         split_param(p)
+
+
+def test_reused_model_without_its_kalman_state_stops_before_its_jobs(tmp_path, monkeypatch):
+    """DP-GEN continues training at iteration 1, but iteration 0 left no Kalman state."""
+    import json
+
+    from alkpu_plugin.dpgen import driver
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "iter.000000" / "00.train" / "000").mkdir(parents=True)
+    task = tmp_path / "iter.000001" / "00.train" / "000"
+    task.mkdir(parents=True)
+    (task / "input.json").write_text(json.dumps({"optimizer": {"type": "RLEKF"}}))
+    jdata = with_keys(training_reuse_iter=1)
+    assert driver._continues(1, jdata) and not driver._continues(0, jdata)
+    with pytest.raises(FileNotFoundError, match="its Kalman state .*kalman.000.npz is missing"):
+        driver._set_init_state(1, jdata)
+    assert json.loads((task / "input.json").read_text()) == {"optimizer": {"type": "RLEKF"}}
+    # and it is never looked for when DP-GEN trains from scratch
+    driver._set_init_state(1, with_keys())
