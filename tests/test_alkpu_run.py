@@ -276,3 +276,29 @@ def same_content(x: Path, y: Path) -> bool:
     if x.name == "model_devi.out":
         return np.allclose(np.loadtxt(x), np.loadtxt(y), rtol=0, atol=1e-12)
     return False
+
+
+def test_killed_inside_training_resumes(tmp_path):
+    """Kill `alkpu run` (and its jobs) while the RLEKF training job runs; run again: it finishes."""
+    training = copy.deepcopy(PARAM["default_training_param"])
+    training["training"].update({"numb_steps": 200, "disp_freq": 20, "save_freq": 20})
+    root = make_workdir(tmp_path / "inside", default_training_param=training)
+    proc = alkpu_run(root)
+    deadline = time.time() + 600
+    # wait until the training job has written a checkpoint, i.e. is inside run_train
+    while not list((root / "remote").rglob("model.ckpt-*.kalman.npz")):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert records(root)[-1] == (0, 0)  # make_train done, run_train not
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = alkpu_run(root)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    done = records(root)
+    assert done[-1] == (1, 2) and len(done) == len(set(done))
+    from alkpu_plugin.kalman import read_meta
+
+    state = root / "iter.000000" / "00.train" / "kalman.000.npz"
+    assert read_meta(state)["extra"]["step"] == 200
