@@ -90,7 +90,7 @@ def cmd_lmp_kpu(args) -> int:
     import subprocess
 
     from .kpu_engine import KPUEngine, load_configurations
-    from .model_devi import write_model_devi
+    from .model_devi import devi_values, write_model_devi
 
     rest = [a for a in args.rest if a != "--"]
     proc = subprocess.run(shlex.split(args.lmp) + rest)
@@ -100,10 +100,7 @@ def cmd_lmp_kpu(args) -> int:
     source = Path("traj") if Path("traj").is_dir() else Path("all.lammpstrj")
     system, steps = load_configurations(source, "lammps/dump", engine.type_map)
     result = engine.compute(system, steps=steps, progress=False)
-    if args.relative_to:  # the paper's rule: the frame's force KPU over KPU_train
-        write_model_devi("model_devi.out", result.steps, (result.force_kpu / args.relative_to)[:, None])
-    else:
-        write_model_devi("model_devi.out", result.steps, result.atom_sigma)
+    write_model_devi("model_devi.out", result.steps, devi_values(result, args.relative_to, args.select_hook))
     result.save("kpu.npz")
     return 0
 
@@ -147,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows-per-pass", type=int, default=96)
     p.add_argument("--relative-to", type=float, help="write frame KPU / this value (KPU_train) instead of sigma")
+    p.add_argument("--select-hook", help='"module:function" giving the values to write (see kpu/select_hook)')
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then LAMMPS's own arguments")
     p.set_defaults(func=cmd_lmp_kpu)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .atomic import atomic_write
 
-__all__ = ["HEADER", "write_model_devi", "read_model_devi"]
+__all__ = ["HEADER", "write_model_devi", "read_model_devi", "devi_values"]
 
 HEADER = "%12s" % "step" + "".join("%19s" % c for c in (
     "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"))
@@ -44,3 +44,24 @@ def write_model_devi(path: str | os.PathLike, steps, atom_sigma) -> Path:
 def read_model_devi(path: str | os.PathLike) -> np.ndarray:
     """The table as DP-GEN reads it (frames x 7)."""
     return np.loadtxt(path, ndmin=2)
+
+
+def devi_values(result, relative_to: float | None = None, hook: str | None = None) -> np.ndarray:
+    """What goes into the force columns for a KPU result (frames, atoms) or (frames, 1).
+
+    Default: the per-atom force uncertainty; ``relative_to``: the paper's frame
+    KPU / KPU_train; ``hook``: a user function ``"module:function"`` of the result.
+    """
+    if hook:
+        import importlib
+
+        module, _, name = hook.partition(":")
+        values = np.asarray(getattr(importlib.import_module(module), name)(result), dtype=np.float64)
+        if values.ndim == 1:
+            values = values[:, None]
+        if values.ndim != 2 or values.shape[0] != len(result.steps) or not np.all(np.isfinite(values)):
+            raise ValueError(f"select hook {hook} must return finite (frames,) or (frames, atoms) values")
+        return values
+    if relative_to:
+        return (np.asarray(result.force_kpu) / relative_to)[:, None]
+    return result.atom_sigma

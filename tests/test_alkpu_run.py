@@ -206,8 +206,8 @@ def test_slurm_job_scripts_carry_the_kalman_state(finished_run, monkeypatch):
     from dpgen.util import normalize
 
     jdata = normalize(run_jdata_arginfo(), driver.kpu_jdata(jdata, settings.kpu))
-    dprun.run_train(1, jdata, driver._mdata_for(1, jdata, mdata, settings.kpu))
-    dprun.run_model_devi(0, jdata, driver._mdata_for(0, jdata, mdata, settings.kpu))
+    dprun.run_train(1, jdata, driver.kpu_mdata(1, jdata, mdata, settings.kpu))
+    dprun.run_model_devi(0, jdata, driver.kpu_mdata(0, jdata, mdata, settings.kpu))
     train, explore = captured
     (train_task,) = train.belonging_tasks
     assert "kalman.000.npz" in train_task.forward_files  # the previous state goes up

@@ -113,7 +113,40 @@ def test_reused_model_without_its_kalman_state_stops_before_its_jobs(tmp_path, m
     jdata = with_keys(training_reuse_iter=1)
     assert driver._continues(1, jdata) and not driver._continues(0, jdata)
     with pytest.raises(FileNotFoundError, match="its Kalman state .*kalman.000.npz is missing"):
-        driver._set_init_state(1, jdata)
+        driver.set_init_state(1, jdata)
     assert json.loads((task / "input.json").read_text()) == {"optimizer": {"type": "RLEKF"}}
     # and it is never looked for when DP-GEN trains from scratch
-    driver._set_init_state(1, with_keys())
+    driver.set_init_state(1, with_keys())
+
+
+def energy_kpu_hook(result):
+    """A user selection function: select by energy KPU instead of forces."""
+    return result.energy_kpu
+
+
+def wrong_length_hook(result):
+    return [1.0] * (len(result.steps) + 1)
+
+
+def test_select_hook_values_and_command(tmp_path, monkeypatch):
+    import numpy as np
+
+    from alkpu_plugin.dpgen import driver
+    from alkpu_plugin.kpu_engine import KPUResult
+    from alkpu_plugin.model_devi import devi_values, read_model_devi, write_model_devi
+
+    result = KPUResult(np.arange(3), np.array([0, 10, 20]), np.array([1.0, 2.0, 3.0]),
+                       np.array([5.0, 6.0, 7.0]), np.array([[4.0, 9.0], [1.0, 1.0], [16.0, 0.0]]))
+    np.testing.assert_allclose(devi_values(result), [[2, 3], [1, 1], [4, 0]])
+    np.testing.assert_allclose(devi_values(result, relative_to=2.0), [[0.5], [1.0], [1.5]])
+    hook = "tests.test_dpgen_params:energy_kpu_hook"
+    values = devi_values(result, hook=hook)
+    write_model_devi(tmp_path / "model_devi.out", result.steps, values)
+    np.testing.assert_allclose(read_model_devi(tmp_path / "model_devi.out")[:, 4], [5.0, 6.0, 7.0])
+    with pytest.raises(ValueError, match="must return finite"):
+        devi_values(result, hook="tests.test_dpgen_params:wrong_length_hook")
+    # the driver passes the hook to the exploration tasks
+    _, settings = split_param(with_keys(uncertainty="kpu", kpu={"select_hook": hook}))
+    monkeypatch.chdir(tmp_path)
+    md = driver.kpu_mdata(0, PARAM, {"model_devi_command": "lmp"}, settings.kpu)
+    assert f"--select-hook {hook} --" in md["model_devi_command"]

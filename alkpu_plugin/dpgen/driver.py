@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .params import split_param
 
-__all__ = ["run", "kpu_jdata", "STEP_NAMES"]
+__all__ = ["run", "run_stage", "kpu_jdata", "kpu_mdata", "set_init_state", "after_training", "STEP_NAMES"]
 
 log = logging.getLogger("dpgen")
 
@@ -78,10 +78,7 @@ def kpu_jdata(jdata: dict, kpu: dict) -> dict:
 def _run_kpu(jdata: dict, kpu: dict, mdata_in: dict) -> None:
     import alkpu_plugin.deepmd_tf.schema  # noqa: F401  (RLEKF keys known to DeePMD's argcheck)
     from dpgen.generator.arginfo import run_jdata_arginfo
-    from dpgen.generator.run import (
-        make_fp, make_model_devi, make_train, post_fp, post_model_devi, post_train,
-        record_iter, run_fp, run_model_devi, run_train, update_mass_map,
-    )
+    from dpgen.generator.run import record_iter, update_mass_map
     from dpgen.remote.decide_machine import convert_mdata
     from dpgen.util import normalize
 
@@ -102,30 +99,47 @@ def _run_kpu(jdata: dict, kpu: dict, mdata_in: dict) -> None:
         for jj, name in enumerate(STEP_NAMES):
             if (ii, jj) <= done:
                 continue
-            log.info("ALKPU iter.%06d task %02d: %s", ii, jj, name)
-            md = _mdata_for(ii, jdata, mdata, kpu)
-            if name == "make_train":
-                make_train(ii, jdata, md)
-                _set_init_state(ii, jdata)
-            elif name == "run_train":
-                run_train(ii, jdata, md)
-            elif name == "post_train":
-                post_train(ii, jdata, md)
-                _after_training(ii, jdata, kpu)
-            elif name == "make_model_devi":
-                if not make_model_devi(ii, jdata, md):
-                    return
-            elif name == "run_model_devi":
-                run_model_devi(ii, jdata, md)
-            elif name == "post_model_devi":
-                post_model_devi(ii, jdata, md)
-            elif name == "make_fp":
-                make_fp(ii, jdata, md)
-            elif name == "run_fp":
-                run_fp(ii, jdata, md)
-            elif name == "post_fp":
-                post_fp(ii, jdata)
+            if not run_stage(ii, name, jdata, mdata, kpu):
+                return
             record_iter(record, ii, jj)
+
+
+def run_stage(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict) -> bool:
+    """One kpu-mode step of iteration ``ii`` (a name of STEP_NAMES); False ends the loop.
+
+    ``jdata`` is DP-GEN's normalised param from :func:`kpu_jdata`, ``mdata`` the
+    converted machine data; the Kalman-state plumbing is added by :func:`kpu_mdata`.
+    """
+    from dpgen.generator.run import (
+        make_fp, make_model_devi, make_train, post_fp, post_model_devi, post_train,
+        run_fp, run_model_devi, run_train,
+    )
+
+    log.info("ALKPU iter.%06d: %s", ii, name)
+    md = kpu_mdata(ii, jdata, mdata, kpu)
+    if name == "make_train":
+        make_train(ii, jdata, md)
+        set_init_state(ii, jdata)
+    elif name == "run_train":
+        run_train(ii, jdata, md)
+    elif name == "post_train":
+        post_train(ii, jdata, md)
+        after_training(ii, jdata, kpu)
+    elif name == "make_model_devi":
+        return bool(make_model_devi(ii, jdata, md))
+    elif name == "run_model_devi":
+        run_model_devi(ii, jdata, md)
+    elif name == "post_model_devi":
+        post_model_devi(ii, jdata, md)
+    elif name == "make_fp":
+        make_fp(ii, jdata, md)
+    elif name == "run_fp":
+        run_fp(ii, jdata, md)
+    elif name == "post_fp":
+        post_fp(ii, jdata)
+    else:
+        raise ValueError(f"unknown stage {name!r}; one of {STEP_NAMES}")
+    return True
 
 
 # ---------------------------------------------------------------- per step
@@ -141,7 +155,7 @@ def _continues(ii: int, jdata: dict) -> bool:
     return ii > 0 and (jdata.get("training_init_model", False) or (reuse is not None and ii >= reuse))
 
 
-def _mdata_for(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
+def kpu_mdata(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
     """machine data for iteration ii: the Kalman state travels with the jobs."""
     md = copy.deepcopy(mdata)
     train_dir = (_iter_dir(ii) / "00.train").resolve()
@@ -161,6 +175,8 @@ def _mdata_for(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
     relative = ""
     if (train_dir / KPU_TRAIN).exists():
         relative = f"--relative-to {json.loads((train_dir / KPU_TRAIN).read_text())['kpu_train']!r} "
+    if kpu.get("select_hook"):
+        relative += f"--select-hook {shlex.quote(kpu['select_hook'])} "
     md["model_devi_command"] = (
         f"alkpu lmp-kpu --lmp {shlex.quote(lmp)} --model ../graph.000.pb --kalman-state {STATE_LINK} "
         f"--seed {int(kpu.get('seed', 0))} --rows-per-pass {int(kpu.get('rows_per_pass', 96))} {relative}--"
@@ -168,7 +184,7 @@ def _mdata_for(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
     return md
 
 
-def _set_init_state(ii: int, jdata: dict) -> None:
+def set_init_state(ii: int, jdata: dict) -> None:
     """Point the RLEKF optimizer at the forwarded previous state when DP-GEN continues training."""
     if not _continues(ii, jdata):
         return
@@ -184,7 +200,7 @@ def _set_init_state(ii: int, jdata: dict) -> None:
     task_input.write_text(json.dumps(data, indent=4))
 
 
-def _after_training(ii: int, jdata: dict, kpu: dict) -> None:
+def after_training(ii: int, jdata: dict, kpu: dict) -> None:
     """Link the state as kalman.000.npz and calibrate KPU on the training data."""
     train_dir = _iter_dir(ii) / "00.train"
     state = train_dir / "000" / "model.ckpt.kalman.npz"

@@ -63,6 +63,11 @@ def kpu_arguments() -> list[Argument]:
                  extra_check=lambda x: x > 0, extra_check_errmsg="kpu_train_frames must be positive",
                  doc="Training frames whose mean force KPU is KPU_train (the paper's code: 20)."),
         Argument("seed", int, optional=True, default=0, doc="Seed of the paper's N/2 atom draw."),
+        Argument("select_hook", [str, None], optional=True, default=None,
+                 doc='"module:function" called with each exploration task\'s KPUResult; it returns the '
+                 "per-frame (frames,) or per-atom (frames, atoms) values written to model_devi.out, "
+                 "which DP-GEN's selection compares with the trust levels. Must be importable where "
+                 "the exploration jobs run."),
         Argument("rows_per_pass", int, optional=True, default=96,
                  extra_check=lambda x: x > 0, extra_check_errmsg="rows_per_pass must be positive",
                  doc="Force components per vectorised backward pass."),
