@@ -86,24 +86,49 @@ def cmd_run(args) -> int:
 
 def cmd_lmp_kpu(args) -> int:
     """LAMMPS, then KPU of its trajectory: one DP-GEN exploration task in kpu mode."""
+    import resource
     import shlex
     import subprocess
+    import time
 
-    from .kpu_engine import KPUEngine, load_configurations
-    from .model_devi import devi_values, write_model_devi
+    def cpu(who):
+        usage = resource.getrusage(who)
+        return usage.ru_utime + usage.ru_stime
 
     rest = [a for a in args.rest if a != "--"]
+    wall0 = time.perf_counter()
     proc = subprocess.run(shlex.split(args.lmp) + rest)
     if proc.returncode != 0:
         return proc.returncode
+    wall1, kpu_cpu0 = time.perf_counter(), cpu(resource.RUSAGE_SELF)
+    from .kpu_engine import KPUEngine, load_configurations
+    from .model_devi import devi_values, write_model_devi
+
     engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass)
     source = Path("traj") if Path("traj").is_dir() else Path("all.lammpstrj")
     system, steps = load_configurations(source, "lammps/dump", engine.type_map)
     result = engine.compute(system, steps=steps, progress=False)
     write_model_devi("model_devi.out", result.steps, devi_values(result, args.relative_to, args.select_hook))
     result.save("kpu.npz")
+    timing = {"lmp_cpu_s": cpu(resource.RUSAGE_CHILDREN), "lmp_wall_s": wall1 - wall0,
+              "kpu_cpu_s": cpu(resource.RUSAGE_SELF) - kpu_cpu0, "kpu_wall_s": time.perf_counter() - wall1,
+              "frames": len(result.frames)}
+    Path("alkpu_timing.json").write_text(json.dumps({k: round(v, 3) for k, v in timing.items()}))
     return 0
 
+
+def cmd_report(args) -> int:
+    """Tables, figures and report.json of a DP-GEN run directory."""
+    from .report import ReportError, write_report
+
+    run_dir = Path(args.run_dir)
+    try:
+        out = write_report(run_dir, args.output or run_dir / "report", validation=args.validation,
+                           overwrite=args.overwrite)
+    except ReportError as exc:
+        raise SystemExit(f"alkpu report: error: {exc}") from None
+    print(f"report of {run_dir} -> {out / 'index.html'} (also index.md, report.json)")
+    return 0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alkpu", description="Active learning by Kalman prediction uncertainty (ALKPU) for DeePMD.")
@@ -147,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-hook", help='"module:function" giving the values to write (see kpu/select_hook)')
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then LAMMPS's own arguments")
     p.set_defaults(func=cmd_lmp_kpu)
+
+    p = sub.add_parser("report", help="report of a DP-GEN run directory: rounds (Table 2), KPU histograms, "
+                       "validation RMSE, calibration, cost; HTML, Markdown and JSON")
+    p.add_argument("run_dir", help="the directory where `alkpu run` (or `dpgen run`) ran")
+    p.add_argument("--validation", help="labelled systems, one subdirectory per temperature (e.g. 1200K/); "
+                   "default RUN_DIR/validation if it exists")
+    p.add_argument("-o", "--output", help="output directory (default RUN_DIR/report)")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty output directory")
+    p.set_defaults(func=cmd_report)
 
     # handled before parsing (see main): listed here for `alkpu -h`
     sub.add_parser("label", help="label configurations with an ASE calculator (DP-GEN fp_style custom); "

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from .params import split_param
+from .stages import StageLog, check_interval, timed_dpgen_steps
 
 __all__ = ["run", "run_stage", "kpu_jdata", "kpu_mdata", "set_init_state", "after_training", "STEP_NAMES"]
 
@@ -39,6 +40,7 @@ STEP_NAMES = ("make_train", "run_train", "post_train", "make_model_devi", "run_m
 STATE_LINK = "kalman.000.npz"
 CALIBRATION_LINK = "kalman.000.calibration.json"
 KPU_TRAIN = "kalman.000.kpu_train.json"
+TIMING_FILE = "alkpu_timing.json"  # what LAMMPS and KPU cost in one exploration task
 
 
 def run(param_file: str, machine_file: str) -> None:
@@ -47,16 +49,18 @@ def run(param_file: str, machine_file: str) -> None:
 
     jdata_in = load_file(param_file)
     dpgen_jdata, settings = split_param(jdata_in)  # every check before any work
-    if not settings.is_kpu:
-        from dpgen.generator.run import run_iter
+    stages = StageLog(".", dpgen_jdata)
+    with check_interval(settings.check_interval):
+        if not settings.is_kpu:
+            from dpgen.generator.run import run_iter
 
-        with tempfile.TemporaryDirectory() as tmp:
-            stripped = os.path.join(tmp, os.path.basename(param_file))
-            with open(stripped, "w") as fh:
-                json.dump(dpgen_jdata, fh, indent=4)
-            run_iter(stripped, machine_file)
-        return
-    _run_kpu(dpgen_jdata, settings.kpu, load_file(machine_file))
+            with tempfile.TemporaryDirectory() as tmp, timed_dpgen_steps(stages):
+                stripped = os.path.join(tmp, os.path.basename(param_file))
+                with open(stripped, "w") as fh:
+                    json.dump(dpgen_jdata, fh, indent=4)
+                run_iter(stripped, machine_file)
+            return
+        _run_kpu(dpgen_jdata, settings.kpu, load_file(machine_file), stages)
 
 
 def kpu_jdata(jdata: dict, kpu: dict) -> dict:
@@ -67,6 +71,9 @@ def kpu_jdata(jdata: dict, kpu: dict) -> dict:
     train["optimizer"] = {"type": "RLEKF", **kpu.get("optimizer", {})}
     if kpu.get("numb_steps"):
         train.setdefault("training", {})["numb_steps"] = kpu["numb_steps"]
+    if kpu.get("reuse_numb_steps"):
+        jd.pop("training_reuse_stop_batch", None)
+        jd["training_reuse_numb_steps"] = kpu["reuse_numb_steps"]
     if kpu.get("trust") == "relative":
         # model_devi.out then holds frame KPU / KPU_train, so DP-GEN's own
         # selection applies the paper's rule with eps_lo, eps_hi as trust levels
@@ -75,7 +82,7 @@ def kpu_jdata(jdata: dict, kpu: dict) -> dict:
     return jd
 
 
-def _run_kpu(jdata: dict, kpu: dict, mdata_in: dict) -> None:
+def _run_kpu(jdata: dict, kpu: dict, mdata_in: dict, stages: StageLog | None = None) -> None:
     import alkpu_plugin.deepmd_tf.schema  # noqa: F401  (RLEKF keys known to DeePMD's argcheck)
     from dpgen.generator.arginfo import run_jdata_arginfo
     from dpgen.generator.run import record_iter, update_mass_map
@@ -99,17 +106,30 @@ def _run_kpu(jdata: dict, kpu: dict, mdata_in: dict) -> None:
         for jj, name in enumerate(STEP_NAMES):
             if (ii, jj) <= done:
                 continue
-            if not run_stage(ii, name, jdata, mdata, kpu):
+            if not run_stage(ii, name, jdata, mdata, kpu, stages):
                 return
             record_iter(record, ii, jj)
 
 
-def run_stage(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict) -> bool:
+def run_stage(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict, stages: StageLog | None = None) -> bool:
     """One kpu-mode step of iteration ``ii`` (a name of STEP_NAMES); False ends the loop.
 
     ``jdata`` is DP-GEN's normalised param from :func:`kpu_jdata`, ``mdata`` the
     converted machine data; the Kalman-state plumbing is added by :func:`kpu_mdata`.
+    ``stages`` times the step (and prints progress); by default into ./alkpu-stages.jsonl.
     """
+    stages = stages if stages is not None else StageLog(".", jdata)
+    if name == "post_train":
+        with stages.stage(ii, name):
+            _run_step(ii, name, jdata, mdata, kpu)
+        with stages.stage(ii, "kpu_calibration"):
+            after_training(ii, jdata, kpu)
+        return True
+    with stages.stage(ii, name):
+        return _run_step(ii, name, jdata, mdata, kpu)
+
+
+def _run_step(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict) -> bool:
     from dpgen.generator.run import (
         make_fp, make_model_devi, make_train, post_fp, post_model_devi, post_train,
         run_fp, run_model_devi, run_train,
@@ -124,7 +144,6 @@ def run_stage(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict) -> bool:
         run_train(ii, jdata, md)
     elif name == "post_train":
         post_train(ii, jdata, md)
-        after_training(ii, jdata, kpu)
     elif name == "make_model_devi":
         return bool(make_model_devi(ii, jdata, md))
     elif name == "run_model_devi":
@@ -170,7 +189,8 @@ def kpu_mdata(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
     if (train_dir / CALIBRATION_LINK).exists():
         forward.append(str(_iter_dir(ii) / "00.train" / CALIBRATION_LINK))
     md["model_devi_user_forward_files"] = list(md.get("model_devi_user_forward_files", [])) + forward
-    md["model_devi_user_backward_files"] = list(md.get("model_devi_user_backward_files", [])) + ["kpu.npz"]
+    md["model_devi_user_backward_files"] = list(md.get("model_devi_user_backward_files", [])) + [
+        "kpu.npz", TIMING_FILE]
     lmp = md.get("model_devi_command", "lmp")
     relative = ""
     if (train_dir / KPU_TRAIN).exists():
@@ -184,9 +204,14 @@ def kpu_mdata(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
     return md
 
 
+def _training_skipped(ii: int) -> bool:
+    """DP-GEN links the previous iteration's training when there is no new data."""
+    return (_iter_dir(ii) / "00.train" / "000").is_symlink()
+
+
 def set_init_state(ii: int, jdata: dict) -> None:
     """Point the RLEKF optimizer at the forwarded previous state when DP-GEN continues training."""
-    if not _continues(ii, jdata):
+    if not _continues(ii, jdata) or _training_skipped(ii):
         return
     prev = _iter_dir(ii - 1) / "00.train" / STATE_LINK
     if not prev.exists():
@@ -210,6 +235,19 @@ def after_training(ii: int, jdata: dict, kpu: dict) -> None:
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(os.path.join("000", "model.ckpt.kalman.npz"))
+    if _training_skipped(ii):
+        # the previous model, unchanged: its calibration / KPU_train stand (never refitted,
+        # which would rewrite the earlier iteration's files through the link)
+        prev = _iter_dir(ii - 1) / "00.train"
+        if (prev / CALIBRATION_LINK).exists():
+            cal = train_dir / CALIBRATION_LINK
+            if cal.is_symlink() or cal.exists():
+                cal.unlink()
+            cal.symlink_to(os.path.relpath(os.path.realpath(prev / CALIBRATION_LINK), train_dir))
+        if (prev / KPU_TRAIN).exists():
+            (train_dir / KPU_TRAIN).write_text((prev / KPU_TRAIN).read_text())
+        log.info("ALKPU iter.%06d: no new data, model and KPU calibration of iter.%06d kept", ii, ii - 1)
+        return
     if kpu.get("trust", "calibrated") == "calibrated":
         _calibrate(ii, jdata, train_dir, kpu)
     else:
@@ -254,24 +292,31 @@ def _kpu_train(ii: int, jdata: dict, train_dir: Path, kpu: dict) -> None:
     log.info("ALKPU KPU_train = %.6g (mean force KPU of %d training frames)", value, len(values))
 
 
-def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int = 30) -> None:
+def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int = 24) -> None:
+    """Fit the KPU scale on ``max_frames`` training frames drawn at random from all systems."""
     import numpy as np
 
-    from ..calibration import calibrate, fit, save_calibration
+    from ..calibration import calibrate, deciles, fit, save_calibration
     from ..kpu_engine import KPUEngine
 
     engine = KPUEngine(train_dir / "graph.000.pb", train_dir / STATE_LINK, seed=int(kpu.get("seed", 0)),
                        rows_per_pass=int(kpu.get("rows_per_pass", 96)))
     kpus, errs = [], []
     rng = np.random.default_rng([int(kpu.get("seed", 0)), ii])
-    for system in _training_systems(ii, jdata):
-        n = system.get_nframes()
-        frames = np.sort(rng.choice(n, size=min(n, max_frames), replace=False))
+    systems = _training_systems(ii, jdata)
+    pool = [(i, f) for i, system in enumerate(systems) for f in range(system.get_nframes())]
+    picked = sorted(pool[k] for k in rng.choice(len(pool), size=min(len(pool), max_frames), replace=False))
+    for i, system in enumerate(systems):
+        frames = [f for j, f in picked if j == i]
+        if not frames:
+            continue
         _, k, e = calibrate(engine, system, frames=frames, progress=False)
         kpus.append(k.ravel())
         errs.append(e.ravel())
-    cal = fit(np.concatenate(kpus), np.concatenate(errs))
+    kpus, errs = np.concatenate(kpus), np.concatenate(errs)
+    cal = fit(kpus, errs)
     cal["fitted_on"] = "training data (in-sample)"
+    cal["deciles"] = deciles(kpus, errs, cal)
     saved = save_calibration(train_dir / STATE_LINK, cal)
     link = train_dir / CALIBRATION_LINK
     if link.is_symlink() or link.exists():

@@ -9,6 +9,9 @@ keys, so the driver removes ours first:
 ``"kpu"``
     Settings of kpu mode (:func:`kpu_arguments`), checked with dargs in strict
     mode, in DP-GEN's error style.
+``"check_interval"``
+    Seconds between dpdispatcher's job-status checks (dpdispatcher's default,
+    30 s, when absent); a few seconds suits a local Shell machine.
 
 Everything else goes to DP-GEN's own schema (``run_jdata_arginfo``) unchanged.
 All checks run before any directory is made or job is submitted.
@@ -28,6 +31,7 @@ __all__ = ["AlkpuSettings", "ParamError", "split_param", "kpu_arguments", "alkpu
 
 UNCERTAINTY = "uncertainty"
 KPU = "kpu"
+CHECK_INTERVAL = "check_interval"
 MODES = ("committee", "kpu")
 TRUST_MODES = ("calibrated", "relative")
 
@@ -46,6 +50,11 @@ def kpu_arguments() -> list[Argument]:
         Argument(
             "numb_steps", [int, None], optional=True, default=None,
             doc="RLEKF training steps per iteration (default: default_training_param's).",
+        ),
+        Argument(
+            "reuse_numb_steps", [int, None], optional=True, default=None,
+            doc="RLEKF steps of the iterations that continue the previous model and its Kalman "
+            "state (training_reuse_iter on); replaces training_reuse_numb_steps in kpu mode.",
         ),
         Argument(
             "trust", str, optional=True, default="calibrated",
@@ -87,6 +96,10 @@ def alkpu_arguments() -> Argument:
             ),
             Argument(KPU, dict, sub_fields=kpu_arguments(), optional=True, default={},
                      doc="Settings of kpu mode."),
+            Argument(CHECK_INTERVAL, [int, float, None], optional=True, default=None,
+                     extra_check=lambda x: x is None or x > 0,
+                     extra_check_errmsg="check_interval must be a positive number of seconds",
+                     doc="Seconds between dpdispatcher's job-status checks (default: dpdispatcher's 30)."),
         ],
     )
 
@@ -95,6 +108,7 @@ def alkpu_arguments() -> Argument:
 class AlkpuSettings:
     uncertainty: str = "committee"
     kpu: dict[str, Any] = field(default_factory=dict)
+    check_interval: float | None = None
 
     @property
     def is_kpu(self) -> bool:
@@ -116,12 +130,12 @@ def split_param(jdata: dict, check_dpgen: bool = True) -> tuple[dict, AlkpuSetti
     the problem; nothing is written.
     """
     dpgen = copy.deepcopy(jdata)
-    ours = {k: dpgen.pop(k) for k in (UNCERTAINTY, KPU) if k in dpgen}
+    ours = {k: dpgen.pop(k) for k in (UNCERTAINTY, KPU, CHECK_INTERVAL) if k in dpgen}
     ours.setdefault(KPU, {})  # so that dargs fills the kpu defaults too
     arg = alkpu_arguments()
     ours = arg.normalize_value(ours, trim_pattern="_*")
     arg.check_value(ours, strict=True)
-    settings = AlkpuSettings(ours[UNCERTAINTY], ours[KPU])
+    settings = AlkpuSettings(ours[UNCERTAINTY], ours[KPU], ours[CHECK_INTERVAL])
     if settings.is_kpu:
         _check_kpu(dpgen, settings.kpu)
     if check_dpgen:
