@@ -105,3 +105,31 @@ def hot_and_cold(tmp_path_factory):
     md_frames(300, 8, seed=11).to("deepmd/npy", str(root / "cold"))
     md_frames(1200, 8, seed=12).to("deepmd/npy", str(root / "hot"))
     return root
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A real one-iteration `alkpu run` in kpu mode, killed between steps, resumed and finished:
+    (root, mtime of the first training's frozen model). Shared by test_alkpu_run and test_report."""
+    import signal
+    import time
+
+    from .dpgen_run import alkpu_run, make_workdir, records
+
+    root = make_workdir(tmp_path_factory.mktemp("kpu") / "run", training_reuse_iter=1,
+                        training_reuse_numb_steps=40)
+    # run until exploration is prepared, then kill it (between steps)
+    proc = alkpu_run(root)
+    deadline = time.time() + 600
+    while (0, 3) not in records(root):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stamp = (root / "iter.000000" / "00.train" / "000" / "frozen_model.pb").stat().st_mtime_ns
+    # resume: finishes, finished steps are not redone
+    proc = alkpu_run(root)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    return root, stamp
