@@ -49,7 +49,7 @@ def run(param_file: str, machine_file: str) -> None:
 
     jdata_in = load_file(param_file)
     dpgen_jdata, settings = split_param(jdata_in)  # every check before any work
-    stages = StageLog(".", dpgen_jdata)
+    stages = StageLog(".", dpgen_jdata, seed=settings.seed)
     with check_interval(settings.check_interval):
         if not settings.is_kpu:
             from dpgen.generator.run import run_iter

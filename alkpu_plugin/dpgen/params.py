@@ -9,6 +9,9 @@ keys, so the driver removes ours first:
 ``"kpu"``
     Settings of kpu mode (:func:`kpu_arguments`), checked with dargs in strict
     mode, in DP-GEN's error style.
+``"seed"``
+    Seeds Python's and NumPy's generators before every DP-GEN step, so the
+    model seeds, MD velocities and frame selection DP-GEN draws repeat.
 ``"check_interval"``
     Seconds between dpdispatcher's job-status checks (dpdispatcher's default,
     30 s, when absent); a few seconds suits a local Shell machine.
@@ -32,6 +35,7 @@ __all__ = ["AlkpuSettings", "ParamError", "split_param", "kpu_arguments", "alkpu
 UNCERTAINTY = "uncertainty"
 KPU = "kpu"
 CHECK_INTERVAL = "check_interval"
+SEED = "seed"
 MODES = ("committee", "kpu")
 TRUST_MODES = ("calibrated", "relative")
 
@@ -100,6 +104,9 @@ def alkpu_arguments() -> Argument:
                      extra_check=lambda x: x is None or x > 0,
                      extra_check_errmsg="check_interval must be a positive number of seconds",
                      doc="Seconds between dpdispatcher's job-status checks (default: dpdispatcher's 30)."),
+            Argument(SEED, [int, None], optional=True, default=None,
+                     doc="Seed Python's and NumPy's generators before every DP-GEN step (DP-GEN draws "
+                     "model seeds, MD velocities and the frame selection from them), so runs repeat."),
         ],
     )
 
@@ -109,6 +116,7 @@ class AlkpuSettings:
     uncertainty: str = "committee"
     kpu: dict[str, Any] = field(default_factory=dict)
     check_interval: float | None = None
+    seed: int | None = None
 
     @property
     def is_kpu(self) -> bool:
@@ -130,12 +138,12 @@ def split_param(jdata: dict, check_dpgen: bool = True) -> tuple[dict, AlkpuSetti
     the problem; nothing is written.
     """
     dpgen = copy.deepcopy(jdata)
-    ours = {k: dpgen.pop(k) for k in (UNCERTAINTY, KPU, CHECK_INTERVAL) if k in dpgen}
+    ours = {k: dpgen.pop(k) for k in (UNCERTAINTY, KPU, CHECK_INTERVAL, SEED) if k in dpgen}
     ours.setdefault(KPU, {})  # so that dargs fills the kpu defaults too
     arg = alkpu_arguments()
     ours = arg.normalize_value(ours, trim_pattern="_*")
     arg.check_value(ours, strict=True)
-    settings = AlkpuSettings(ours[UNCERTAINTY], ours[KPU], ours[CHECK_INTERVAL])
+    settings = AlkpuSettings(ours[UNCERTAINTY], ours[KPU], ours[CHECK_INTERVAL], ours[SEED])
     if settings.is_kpu:
         _check_kpu(dpgen, settings.kpu)
     if check_dpgen:

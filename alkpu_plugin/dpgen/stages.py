@@ -46,6 +46,22 @@ def machine_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def seed_step(seed: int, ii: int, name: str) -> None:
+    """Seed Python's and NumPy's global generators for one step.
+
+    DP-GEN draws the model seeds, LAMMPS velocity seeds and the fp selection from
+    them unseeded; seeding each step from (seed, iteration, step) makes a run
+    repeatable, and the same in both modes where the steps do the same thing.
+    """
+    import random
+
+    import numpy as np
+
+    random.seed(f"{seed}:{ii}:{name}")
+    np.random.seed(np.random.SeedSequence([seed, ii, DPGEN_STEPS.index(name) if name in DPGEN_STEPS else 99])
+                   .generate_state(1)[0])
+
+
 def _count_lines(paths) -> int:
     n = 0
     for p in paths:
@@ -64,10 +80,12 @@ def _temps(jdata: dict, ii: int) -> str:
 class StageLog:
     """Times steps into ``alkpu-stages.jsonl`` and prints one progress line per step."""
 
-    def __init__(self, run_dir: str | os.PathLike = ".", jdata: dict | None = None, stream=None):
+    def __init__(self, run_dir: str | os.PathLike = ".", jdata: dict | None = None, stream=None,
+                 seed: int | None = None):
         self.path = Path(run_dir) / STAGES_FILE
         self.jdata = jdata or {}
         self.stream = stream if stream is not None else sys.stdout
+        self.seed = seed
 
     def _say(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -77,6 +95,8 @@ class StageLog:
         temps = _temps(self.jdata, ii)
         head = f"[alkpu] iter {ii:03d}{' ' + temps if temps else ''} | {name:<16}"
         self._say(f"{head} ...")
+        if self.seed is not None:
+            seed_step(self.seed, ii, name)
         wall0, cpu0, self0 = time.perf_counter(), machine_cpu_seconds(), _own_cpu()
         yield
         wall = time.perf_counter() - wall0
