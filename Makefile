@@ -15,16 +15,23 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-test: venv
+test: venv qe
 	$(PY) -m pytest -ra -q tests
 
-# until the full ALKPU loop lands (alkpu run on examples/cu-emt), the demo is the
-# quick start: EMT data, dp train with RLEKF, dp freeze, alkpu calibrate / kpu
+# the embedded default: the whole ALKPU loop (temperature ladder 300 -> 1400 K, EMT as
+# the labeller, this machine as the cluster) in demo-run/, then its report in
+# demo-run/report/. Running it again continues where it stopped.
 demo: venv
-	$(PY) examples/quickstart.py quickstart-run
+	$(PY) examples/cu-emt/demo.py demo-run
 
 bench: venv
 	$(PY) benchmarks/bench_rlekf_vs_adam.py
+
+# Quantum ESPRESSO (pw.x and its pseudopotentials) for examples/cu-qe and tests/test_cu_qe.py;
+# installed with apt when pw.x is missing (as root on Debian/Ubuntu, as CI runs)
+.PHONY: qe
+qe:
+	command -v pw.x >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq quantum-espresso quantum-espresso-data)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
