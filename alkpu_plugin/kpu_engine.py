@@ -164,10 +164,14 @@ class KPUEngine:
         Force components per vectorised backward pass (memory vs speed).
     calibration
         A calibration dict, or ``None`` to use the one stored beside the state.
+    factorize
+        Replace P's blocks by their Cholesky factors when a computation has
+        enough rows to pay for it (halves the quadratic-form work; the loaded
+        state is only read, never saved).
     """
 
     def __init__(self, model, kalman_state=None, *, seed: int = 0, rows_per_pass: int = 96,
-                 calibration: dict | None = None):
+                 calibration: dict | None = None, factorize: bool = True):
         from .calibration import load_calibration
         from .deepmd_tf.frozen import find_kalman_state
         from .deepmd_tf.jacobian import ModelJacobian
@@ -177,6 +181,7 @@ class KPUEngine:
         self.kf, self.extra = load_state(self.state_path)
         self.jacobian = ModelJacobian(model, self.kf.layout, rows_per_pass=rows_per_pass)
         self.seed = int(seed)
+        self.factorize = bool(factorize)
         self.calibration = calibration if calibration is not None else load_calibration(self.state_path)
 
     @property
@@ -221,6 +226,9 @@ class KPUEngine:
 
         idx, frame_list = self._frames(system, frames)
         all_steps = np.arange(system.get_nframes()) if steps is None else np.asarray(steps)
+        if self.factorize:
+            # Cholesky factors of the blocks that pay for themselves over these rows
+            self.kf.factorize(expected_rows=len(frame_list) * (3 * int(frame_list[0].atype.size) + 1))
         force, energy, atom = [], [], []
         for i, frame in zip(idx, tqdm(frame_list, desc="KPU", unit="frame",
                                       disable=None if progress is None else not progress)):

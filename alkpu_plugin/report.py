@@ -171,18 +171,27 @@ def _histogram(values: np.ndarray) -> dict | None:
         return None
     nbins = int(min(40, max(8, math.ceil(2 * n ** (1 / 3)))))
     log = bool(np.all(values > 0))
+    below = 0
     lo, hi = float(values.min()), float(values.max())
     if log:
+        # values far below the bulk (e.g. ~1e-15 for an unperturbed start frame, whose forces
+        # vanish by symmetry) are counted apart instead of stretching the log axis
+        floor = float(np.median(values)) * 1e-3
+        if lo < floor:
+            below = int((values < floor).sum())
+            lo = float(values[values >= floor].min())
         if lo == hi:
             lo, hi = lo / 1.5, hi * 1.5
         edges = np.logspace(math.log10(lo), math.log10(hi), nbins + 1)
+        edges[0], edges[-1] = lo, hi
     else:
         if lo == hi:
             lo, hi = lo - 0.5, hi + 0.5
         edges = np.linspace(lo, hi, nbins + 1)
-    edges[0], edges[-1] = min(lo, values.min()), max(hi, values.max())  # no value falls outside
-    counts, _ = np.histogram(values, bins=edges)
-    return {"log_x": log, "bin_edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+        edges[0], edges[-1] = min(lo, values.min()), max(hi, values.max())  # no value falls outside
+    counts, _ = np.histogram(values[values >= edges[0]], bins=edges)
+    return {"log_x": log, "bin_edges": [float(e) for e in edges], "counts": [int(c) for c in counts],
+            "below": below}
 
 
 def _load_json(path: Path):
@@ -491,6 +500,9 @@ def plot_histograms(data: dict):
             ax.axvline(lo, color="#2ca02c", linestyle="--", label=f"trust lo {fmt(lo)}")
         for hi in r["trust_hi"]:
             ax.axvline(hi, color="#d62728", linestyle="--", label=f"trust hi {fmt(hi)}")
+        if h.get("below"):
+            ax.text(0.02, 0.97, f"{h['below']} frame(s) below {fmt(edges[0])} not drawn",
+                    transform=ax.transAxes, fontsize=7, va="top")
         ax.set_title(f"iteration {r['iteration']}, {_temps_text(r['temps'])}: {r['frames_explored']} frames",
                      fontsize=9)
         unit = f" ({sel['unit']})" if sel["unit"] else ""

@@ -48,7 +48,10 @@ def qe_run(tmp_path_factory):
     param, machine = prepare.load_example()
     param["default_training_param"]["training"].update({"numb_steps": 30, "disp_freq": 15, "save_freq": 30})
     param["model_devi_jobs"][0].update({"nsteps": 30, "trj_freq": 10})
-    param["model_devi_f_trust_lo"] = 1e-3  # every explored frame is a candidate
+    # every explored frame is a candidate (the upper level too: a 30-step model's calibrated
+    # uncertainty can exceed the example's 0.5 eV/A, which would discard every frame)
+    param["model_devi_f_trust_lo"], param["model_devi_f_trust_hi"] = 1e-3, 1e3
+    param["seed"] = 1
     param["fp_task_max"] = 1
     root = tmp_path_factory.mktemp("cu_qe") / "run"
     seconds = {}

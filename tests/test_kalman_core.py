@@ -164,6 +164,13 @@ def test_quadratic_form_equals_dense():
     expected = np.einsum("ij,jk,ik->i", G, P, G)
     np.testing.assert_allclose(kf.quadratic(G), expected, rtol=1e-12)
     assert kf.quadratic(G[3]) == pytest.approx(expected[3], rel=1e-12)
+    # factorised for queries (Cholesky per block, trmm): the same numbers, and no more updates
+    assert kf.factorize() == len(layout.blocks)
+    np.testing.assert_allclose(kf.quadratic(G), expected, rtol=1e-10)
+    assert kf.quadratic(G[3]) == pytest.approx(expected[3], rel=1e-10)
+    np.testing.assert_allclose(kf.dense(), P, rtol=1e-10, atol=1e-14)
+    with pytest.raises(RuntimeError, match="factorised"):
+        kf.update(G[0], 0.1)
 
 
 def test_float32_p_tracks_float64():

@@ -35,18 +35,29 @@ def test_batched_kpu_equals_one_component_at_a_time(engine, cu_data):
     system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")
     idx, frames = engine._frames(system, [3])
     frame = frames[0]
-    paper, comp, energy_kpu = engine.frame_kpu(frame, 3)
+    # the reference P: the state as saved, loaded afresh (the engine may factorise its copy)
+    from alkpu_plugin.kalman import load_state
+
+    ref, _ = load_state(engine.state_path)
+    assert not any(ref.factored)
+    rows = engine.jacobian.force_rows(frame)
+    symm = kpu_math.component_kpu(ref, rows, rows_per_pass=40)  # symm on the unfactorised blocks
+    engine.kf.factorize()
+    assert all(engine.kf.factored)
+    paper, comp, energy_kpu = engine.frame_kpu(frame, 3)  # trmm on the Cholesky factors
     # brute force: one backward pass and one dense quadratic form per component
     for c in [0, 1, 2, 17, 40, 95]:
         g = engine.jacobian.force_row_bruteforce(frame, c)
-        assert comp[c] == pytest.approx(kpu_math.bruteforce_kpu(engine.kf, g), rel=1e-6)
+        brute = kpu_math.bruteforce_kpu(ref, g)
+        assert comp[c] == pytest.approx(brute, rel=1e-6)
+        assert symm[c] == pytest.approx(brute, rel=1e-6)
     atoms = kpu_math.paper_atoms(32, 7, 3)
     assert atoms.size == 16 and len(set(atoms)) == 16
-    brute = np.mean([kpu_math.bruteforce_kpu(engine.kf, engine.jacobian.force_row_bruteforce(frame, 3 * a + k))
+    brute = np.mean([kpu_math.bruteforce_kpu(ref, engine.jacobian.force_row_bruteforce(frame, 3 * a + k))
                      for a in atoms for k in range(3)])
     assert paper == pytest.approx(brute, rel=1e-6)
     g_e = engine.jacobian.energy_row(frame)
-    assert energy_kpu == pytest.approx(kpu_math.bruteforce_kpu(engine.kf, g_e), rel=1e-6)
+    assert energy_kpu == pytest.approx(kpu_math.bruteforce_kpu(ref, g_e), rel=1e-6)
     assert np.all(comp > 0)
 
 

@@ -125,9 +125,10 @@ def test_histograms_hold_every_explored_frame(report):
     values = np.concatenate([np.loadtxt(p, ndmin=2)[:, 4]
                              for p in sorted(root.glob("iter.000000/01.model_devi/task.*/model_devi.out"))])
     assert h["log_x"] is True and np.all(values > 0)
-    assert sum(h["counts"]) == r0["frames_explored"] == values.size
+    assert sum(h["counts"]) + h["below"] == r0["frames_explored"] == values.size
+    assert h["below"] == int((values < h["bin_edges"][0]).sum())
     assert len(h["bin_edges"]) == len(h["counts"]) + 1 and np.all(np.diff(h["bin_edges"]) > 0)
-    counts, _ = np.histogram(values, bins=np.array(h["bin_edges"]))
+    counts, _ = np.histogram(values[values >= h["bin_edges"][0]], bins=np.array(h["bin_edges"]))
     assert counts.tolist() == h["counts"]
     # the figure draws exactly these bars and the trust levels
     fig = plot_histograms(data)

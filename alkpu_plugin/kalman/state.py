@@ -39,6 +39,8 @@ class KalmanStateError(ValueError):
 
 def save_state(path: str | os.PathLike, kf: KalmanFilter, extra: dict[str, Any] | None = None) -> Path:
     """Write ``kf`` (and ``extra``) to ``path`` atomically."""
+    if any(getattr(kf, "factored", ())):
+        raise ValueError("a filter factorised for queries (factorize()) is not a Kalman state; not saved")
     path = Path(path)
     meta = {
         "format": FORMAT,
