@@ -98,12 +98,13 @@ def trained_model(cu_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hot_and_cold(tmp_path_factory):
-    """Fresh labelled frames at 300 K and at 1200 K (8 each)."""
+    """Fresh labelled frames at 300 K and at 1200 K (8 each), one deepmd/npy system per
+    temperature named as `alkpu report` reads validation sets: 300K/, 1200K/."""
     from alkpu_plugin.reference import md_frames
 
     root = tmp_path_factory.mktemp("cu_hot_cold")
-    md_frames(300, 8, seed=11).to("deepmd/npy", str(root / "cold"))
-    md_frames(1200, 8, seed=12).to("deepmd/npy", str(root / "hot"))
+    md_frames(300, 8, seed=11).to("deepmd/npy", str(root / "300K"))
+    md_frames(1200, 8, seed=12).to("deepmd/npy", str(root / "1200K"))
     return root
 
 

@@ -135,8 +135,8 @@ def test_deterministic_and_chunked_equals_single(engine, cu_data, tmp_path):
 
 
 def test_kpu_ranks_hot_frames_above_fresh_room_temperature_frames(engine, hot_and_cold):
-    cold = engine.compute(dpdata.System(str(hot_and_cold / "cold"), fmt="deepmd/npy"))
-    hot = engine.compute(dpdata.System(str(hot_and_cold / "hot"), fmt="deepmd/npy"))
+    cold = engine.compute(dpdata.System(str(hot_and_cold / "300K"), fmt="deepmd/npy"))
+    hot = engine.compute(dpdata.System(str(hot_and_cold / "1200K"), fmt="deepmd/npy"))
     assert hot.force_kpu.mean() > cold.force_kpu.mean()
     assert hot.atom_kpu.max(axis=1).mean() > cold.atom_kpu.max(axis=1).mean()
 
@@ -157,7 +157,7 @@ def test_calibration_gives_ev_per_angstrom(engine, trained_model, cu_data, hot_a
         from alkpu_plugin.kpu_engine import KPUEngine
 
         calibrated = KPUEngine(engine.model)
-        res = calibrated.compute(dpdata.System(str(hot_and_cold / "cold"), fmt="deepmd/npy"), frames=[0])
+        res = calibrated.compute(dpdata.System(str(hot_and_cold / "300K"), fmt="deepmd/npy"), frames=[0])
         np.testing.assert_allclose(res.atom_sigma, np.sqrt(cal["a"] * res.atom_kpu + cal["b"]))
         assert res.atom_sigma.max() < 1.0  # eV/A scale, not raw KPU
     finally:

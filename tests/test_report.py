@@ -49,14 +49,9 @@ def assert_rows_on_pages(md: str, page: str, rows) -> None:
 
 
 @pytest.fixture(scope="module")
-def validation(tmp_path_factory):
-    """Held-out EMT frames at 300 K and 1200 K, one deepmd/npy system per temperature."""
-    from alkpu_plugin.reference import md_frames
-
-    root = tmp_path_factory.mktemp("validation")
-    md_frames(300, 4, seed=21).to("deepmd/npy", str(root / "300K"))
-    md_frames(1200, 4, seed=22).to("deepmd/npy", str(root / "1200K"))
-    return root
+def validation(hot_and_cold):
+    """Held-out EMT frames at 300 K and 1200 K (conftest's), one system per temperature."""
+    return hot_and_cold
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +156,7 @@ def test_validation_rmse_matches_an_independent_evaluation(report, validation):
         e_rmse = np.sqrt(np.mean(((pred["energies"] - held["energies"]) / natoms) ** 2))
         f_rmse = np.sqrt(np.mean((pred["forces"] - held["forces"]) ** 2))
         (row,) = [r for r in rows if r["iteration"] == it and r["set"] == "1200K"]
-        assert row["frames"] == 4
+        assert row["frames"] == held.get_nframes() == 8
         np.testing.assert_allclose([row["energy_rmse_per_atom"], row["force_rmse"]], [e_rmse, f_rmse], rtol=1e-9)
     assert all(0 < r["energy_rmse_per_atom"] < 1 and 0 < r["force_rmse"] < 5 for r in rows)
     md, page = (out / "index.md").read_text(), (out / "index.html").read_text()
