@@ -103,6 +103,7 @@ def cmd_lmp_kpu(args) -> int:
     wall1, kpu_cpu0 = time.perf_counter(), cpu(resource.RUSAGE_SELF)
     from .kpu_engine import KPUEngine, load_configurations
     from .model_devi import devi_values, write_model_devi
+    from .runfiles import TIMING_FILE
 
     engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass)
     source = Path("traj") if Path("traj").is_dir() else Path("all.lammpstrj")
@@ -113,7 +114,7 @@ def cmd_lmp_kpu(args) -> int:
     timing = {"lmp_cpu_s": cpu(resource.RUSAGE_CHILDREN), "lmp_wall_s": wall1 - wall0,
               "kpu_cpu_s": cpu(resource.RUSAGE_SELF) - kpu_cpu0, "kpu_wall_s": time.perf_counter() - wall1,
               "frames": len(result.frames)}
-    Path("alkpu_timing.json").write_text(json.dumps({k: round(v, 3) for k, v in timing.items()}))
+    Path(TIMING_FILE).write_text(json.dumps({k: round(v, 3) for k, v in timing.items()}))
     return 0
 
 

@@ -33,16 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .runfiles import STAGES_FILE, STEP_NAMES, TIMING_FILE, count_lines
+
 __all__ = [
     "ReportError", "build_report", "write_report", "stage_times", "fmt",
     "plot_histograms", "plot_validation", "plot_calibration", "render_markdown", "render_html",
     "FIGURES",
 ]
 
-STEP_NAMES = ("make_train", "run_train", "post_train", "make_model_devi", "run_model_devi",
-              "post_model_devi", "make_fp", "run_fp", "post_fp")  # DP-GEN's record.dpgen order
-STAGES_FILE = "alkpu-stages.jsonl"
-TIMING_FILE = "alkpu_timing.json"
 CATEGORIES = ("training", "md", "uncertainty", "labelling")
 STAGE_CATEGORY = {
     "make_train": "training", "run_train": "training", "post_train": "training",
@@ -80,11 +78,6 @@ def fmt(value) -> str:
 # ----------------------------------------------------------------- reading
 def _iter_name(ii: int) -> str:
     return f"iter.{ii:06d}"
-
-
-def _lines(path: Path) -> int:
-    with open(path) as fh:
-        return sum(1 for line in fh if line.strip() and not line.lstrip().startswith("#"))
 
 
 def _finite(x) -> float | None:
@@ -251,7 +244,7 @@ def _round(run_dir: Path, ii: int, param: dict, selection: dict, record) -> dict
     counts = {}
     for key, stem in (("reliable", "rest_accurate"), ("selected", "candidate"), ("discarded", "rest_failed")):
         files = sorted(fp.glob(f"{stem}.shuffled.*.out")) if fp.is_dir() else []
-        counts[key] = sum(_lines(f) for f in files) if files else None
+        counts[key] = count_lines(files) if files else None
     labelled = (len([p for p in fp.glob("task.*") if p.is_dir()])
                 if fp.is_dir() and counts["selected"] is not None else None)
 

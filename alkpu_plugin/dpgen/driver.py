@@ -28,6 +28,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
+from ..runfiles import STEP_NAMES, TIMING_FILE
 from .params import split_param
 from .stages import StageLog, check_interval, timed_dpgen_steps
 
@@ -35,12 +36,9 @@ __all__ = ["run", "run_stage", "kpu_jdata", "kpu_mdata", "set_init_state", "afte
 
 log = logging.getLogger("dpgen")
 
-STEP_NAMES = ("make_train", "run_train", "post_train", "make_model_devi", "run_model_devi",
-              "post_model_devi", "make_fp", "run_fp", "post_fp")
 STATE_LINK = "kalman.000.npz"
 CALIBRATION_LINK = "kalman.000.calibration.json"
 KPU_TRAIN = "kalman.000.kpu_train.json"
-TIMING_FILE = "alkpu_timing.json"  # what LAMMPS and KPU cost in one exploration task
 
 
 def run(param_file: str, machine_file: str) -> None:

@@ -23,11 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["STAGES_FILE", "machine_cpu_seconds", "StageLog", "timed_dpgen_steps"]
+from ..runfiles import STAGES_FILE, STEP_NAMES, count_lines
 
-STAGES_FILE = "alkpu-stages.jsonl"
-DPGEN_STEPS = ("make_train", "run_train", "post_train", "make_model_devi", "run_model_devi",
-               "post_model_devi", "make_fp", "run_fp", "post_fp")
+__all__ = ["STAGES_FILE", "machine_cpu_seconds", "StageLog", "timed_dpgen_steps"]
 
 
 def _own_cpu() -> float:
@@ -58,16 +56,8 @@ def seed_step(seed: int, ii: int, name: str) -> None:
     import numpy as np
 
     random.seed(f"{seed}:{ii}:{name}")
-    np.random.seed(np.random.SeedSequence([seed, ii, DPGEN_STEPS.index(name) if name in DPGEN_STEPS else 99])
+    np.random.seed(np.random.SeedSequence([seed, ii, STEP_NAMES.index(name) if name in STEP_NAMES else 99])
                    .generate_state(1)[0])
-
-
-def _count_lines(paths) -> int:
-    n = 0
-    for p in paths:
-        with open(p) as fh:
-            n += sum(1 for line in fh if line.strip() and not line.startswith("#"))
-    return n
 
 
 def _temps(jdata: dict, ii: int) -> str:
@@ -114,10 +104,10 @@ class StageLog:
         try:
             if name == "run_model_devi":
                 files = glob.glob(os.path.join(it, "01.model_devi", "task.*", "model_devi.out"))
-                return f"; {_count_lines(files)} frames explored in {len(files)} task(s)"
+                return f"; {count_lines(files)} frames explored in {len(files)} task(s)"
             if name == "make_fp":
                 fp = os.path.join(it, "02.fp")
-                counts = {kind: _count_lines(glob.glob(os.path.join(fp, f"{kind}.shuffled.*.out")))
+                counts = {kind: count_lines(glob.glob(os.path.join(fp, f"{kind}.shuffled.*.out")))
                           for kind in ("rest_accurate", "candidate", "rest_failed")}
                 tasks = len(glob.glob(os.path.join(fp, "task.*")))
                 return (f"; reliable {counts['rest_accurate']}, selected {counts['candidate']}, "
@@ -132,7 +122,7 @@ def timed_dpgen_steps(log: StageLog):
     """Wrap DP-GEN's nine step functions (as ``run_iter`` calls them) with ``log.stage``."""
     import dpgen.generator.run as dprun
 
-    originals = {name: getattr(dprun, name) for name in DPGEN_STEPS}
+    originals = {name: getattr(dprun, name) for name in STEP_NAMES}
 
     def wrap(name, func):
         def timed(ii, *args, **kwargs):
