@@ -153,7 +153,7 @@ def test_blocks_equal_hand_built_block_diagonal(blocksize):
         np.testing.assert_allclose(kf.block(i), P, rtol=0, atol=1e-10)
 
 
-def test_quadratic_form_equals_dense():
+def test_quadratic_form_equals_dense(monkeypatch):
     rng = np.random.default_rng(3)
     weights = init_weights(rng)
     xs, ys = data(30, rng)
@@ -168,6 +168,12 @@ def test_quadratic_form_equals_dense():
     assert kf.factorize() == len(layout.blocks)
     np.testing.assert_allclose(kf.quadratic(G), expected, rtol=1e-10)
     assert kf.quadratic(G[3]) == pytest.approx(expected[3], rel=1e-10)
+    # large factorised blocks go by strips of rows (GEMM): force that path on these small ones
+    import alkpu_plugin.kalman.ekffm as ekffm
+
+    monkeypatch.setattr(ekffm, "_STRIP", 3)
+    assert max(b - a for a, b in layout.blocks) > 3
+    np.testing.assert_allclose(kf.quadratic(G), expected, rtol=1e-10)
     np.testing.assert_allclose(kf.dense(), P, rtol=1e-10, atol=1e-14)
     with pytest.raises(RuntimeError, match="factorised"):
         kf.update(G[0], 0.1)

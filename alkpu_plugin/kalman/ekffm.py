@@ -41,6 +41,10 @@ _TRI = {  # for a factorised P: triangular matrix-vector / matrix-matrix product
     np.dtype(np.float32): (blas.strmv, blas.strmm),
 }
 
+# factorised blocks larger than this are multiplied by strips of this many rows
+# (GEMM), smaller ones by one trmm
+_STRIP = 2048
+
 # fold ``scale`` into the blocks when it leaves this range (rare: with the
 # default lambda_1, nu the product of 1/lambda_k converges to about 5e6)
 _SCALE_LIMIT = 1e12
@@ -208,7 +212,14 @@ class KalmanFilter:
             return out[0] if single else out
         for (a, b), S, fac in zip(self.layout.blocks, self.blocks, self.factored):
             g = np.asfortranarray(G2[:, a:b], dtype=self.dtype)
-            if fac:
+            if fac and S.shape[0] > _STRIP:
+                # g U^T by strips of U's rows: U[r:e, r:] is zero left of the diagonal,
+                # so each strip is one GEMM over the columns that are not (faster than trmm)
+                for r in range(0, S.shape[0], _STRIP):
+                    e = min(r + _STRIP, S.shape[0])
+                    gU = g[:, r:] @ S[r:e, r:].T
+                    out += np.einsum("ij,ij->i", gU, gU, dtype=np.float64)
+            elif fac:
                 # (U g^T)^T = g U^T, in place of g: side=1 means B*op(A)
                 gU = trmm(1.0, S, g, side=1, lower=0, trans_a=1, overwrite_b=1)
                 out += np.einsum("ij,ij->i", gU, gU, dtype=np.float64)
