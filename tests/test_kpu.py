@@ -61,6 +61,99 @@ def test_batched_kpu_equals_one_component_at_a_time(engine, cu_data):
     assert np.all(comp > 0)
 
 
+def _generic_rows(jacobian, frame, components=None):
+    jacobian.use_structured = False
+    try:
+        return jacobian.force_rows(frame, components)
+    finally:
+        jacobian.use_structured = True
+
+
+def _row_rel(a, b):
+    return float(np.max(np.abs(a - b).max(axis=1) / np.abs(b).max(axis=1)))
+
+
+def test_structured_rows_equal_generic_autodiff(engine, cu_data):
+    # the se_e2_a structure (embedding [8, 16]: a doubling layer; fitting with idt)
+    assert engine.jacobian.structured_reason is None
+    system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")
+    _, frames = engine._frames(system, [5])
+    rows = engine.jacobian.force_rows(frames[0])
+    assert engine.jacobian.structured_reason is None  # passed its self-check
+    assert _row_rel(rows, _generic_rows(engine.jacobian, frames[0])) < 1e-10
+
+
+def test_structured_rows_in_a_cell_smaller_than_the_cutoff(engine):
+    # 4-atom fcc cell (3.61 A) and rcut 4.5 A: atoms see their own periodic images
+    from ase.build import bulk
+
+    from alkpu_plugin.deepmd_tf.jacobian import Frame
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.rattle(0.05, seed=4)
+    frame = Frame(atoms.get_positions(), np.asarray(atoms.get_cell()), np.zeros(4, dtype=np.int32))
+    rows = engine.jacobian.force_rows(frame)
+    assert engine.jacobian.structured_reason is None
+    generic = _generic_rows(engine.jacobian, frame)
+    assert _row_rel(rows, generic) < 1e-10
+    for c in (0, 7):
+        brute = engine.jacobian.force_row_bruteforce(frame, c)
+        assert float(np.abs(rows[c] - brute).max() / np.abs(brute).max()) < 1e-10
+
+
+def test_structured_rows_fall_back_when_their_self_check_fails(trained_model, cu_data):
+    from alkpu_plugin.deepmd_tf.frozen import find_kalman_state
+    from alkpu_plugin.deepmd_tf.jacobian import Frame, ModelJacobian
+    from alkpu_plugin.kalman import BlockLayout, read_meta
+
+    _, graph = trained_model
+    layout = BlockLayout.from_dict(read_meta(find_kalman_state(graph))["layout"])
+    jac = ModelJacobian(graph, layout)
+    assert jac.structured_reason is None
+    with jac.graph.as_default():  # a structure that disagrees with the graph's forces
+        jac._se_a.forces = jac._se_a.forces * 1.001
+    system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")
+    frame = Frame(system["coords"][0], system["cells"][0], np.zeros(32, dtype=np.int32))
+    with pytest.warns(RuntimeWarning, match="differ from the frozen graph"):
+        rows = jac.force_rows(frame, np.arange(6))
+    assert jac.structured_reason == "its forces differ from the frozen graph's"
+    for c in (0, 5):
+        np.testing.assert_allclose(rows[c], jac.force_row_bruteforce(frame, c), rtol=1e-10, atol=1e-14)
+    jac.close()
+
+
+def test_models_the_structure_does_not_cover_use_generic_autodiff(trained_model):
+    from deepmd.tf.env import tf
+
+    from alkpu_plugin.deepmd_tf.frozen import find_kalman_state, frozen_weights
+    from alkpu_plugin.deepmd_tf.jacobian import _graph_def
+    from alkpu_plugin.deepmd_tf.se_a_rows import training_script, unsupported_reason
+    from alkpu_plugin.kalman import BlockLayout, read_meta
+
+    _, graph = trained_model
+    layout = BlockLayout.from_dict(read_meta(find_kalman_state(graph))["layout"])
+    values = frozen_weights(graph, layout.names)
+    graph_def = _graph_def(graph)
+    assert unsupported_reason(graph_def, layout, values) is None
+    script = training_script(graph_def)
+
+    def with_script(change):
+        edited = tf.GraphDef()
+        edited.CopyFrom(graph_def)
+        new = json.loads(json.dumps(script))
+        change(new)
+        for node in edited.node:
+            if node.name == "train_attr/training_script":
+                node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(json.dumps(new)))
+        return edited
+
+    two = with_script(lambda s: s["model"].update(type_map=["Cu", "Ag"]))
+    assert "more than one element type" in unsupported_reason(two, layout, values)
+    gelu = with_script(lambda s: s["model"]["fitting_net"].update(activation_function="gelu"))
+    assert "tanh" in unsupported_reason(gelu, layout, values)
+    assert "float64" in unsupported_reason(graph_def, layout, [v.astype(np.float32) for v in values])
+
+
 def test_atom_order_does_not_matter(engine, cu_data):
     from alkpu_plugin.deepmd_tf.jacobian import Frame
 

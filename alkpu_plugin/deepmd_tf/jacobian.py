@@ -17,6 +17,7 @@ trainer, :class:`alkpu_plugin.kalman.BlockLayout`), as float64.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from deepmd.tf.env import default_tf_session_config, tf
 
 from ..kalman import BlockLayout
 from .frozen import frozen_weights
+from .se_a_rows import SeARows, training_script, unsupported_reason
 
 __all__ = ["ModelJacobian", "Frame", "TypeMapError"]
 
@@ -69,7 +71,8 @@ class ModelJacobian:
         Force components per vectorised backward pass.
     """
 
-    def __init__(self, model_path: str | os.PathLike, layout: BlockLayout, rows_per_pass: int = 96):
+    def __init__(self, model_path: str | os.PathLike, layout: BlockLayout, rows_per_pass: int = 96,
+                 structured: bool = True):
         from tensorflow.python.ops.parallel_for.control_flow_ops import pfor
 
         import deepmd.tf  # noqa: F401  (loads DeePMD-kit's custom ops)
@@ -110,6 +113,14 @@ class ModelJacobian:
             self._rows = pfor(row, tf.shape(self._components)[0], fallback_to_while_loop=True)
             self._row = row(0)
             self._energy_row = flat(tf.gradients(self._energy[0], self._weights))
+            self.structured_reason = unsupported_reason(graph_def, layout, values) if structured \
+                else "switched off"
+            self._se_a, self._checked, self.use_structured = None, False, True
+            ends = np.cumsum([int(np.prod(shape)) for shape in layout.shapes])
+            self._offsets = {n: (int(e - np.prod(shape)), int(e))
+                             for n, shape, e in zip(layout.names, layout.shapes, ends)}
+            if self.structured_reason is None:
+                self._se_a = SeARows(graph_def, layout, self._weights, get, training_script(graph_def))
         self._weight_feed = dict(zip(self._weights, values))
         config = default_tf_session_config
         self.sess = tf.Session(graph=self.graph, config=config)
@@ -176,10 +187,40 @@ class ModelJacobian:
             components = np.arange(3 * order.size)
         comps = self._sorted_components(order, components)
         out = np.empty((comps.size, self.layout.n))
+        if self._se_a is not None and self.use_structured:
+            done = self._structured_rows(feed, comps, out)
+            if done is not None:
+                return done
         for start in range(0, comps.size, self.rows_per_pass):
             chunk = comps[start : start + self.rows_per_pass]
             feed[self._components] = chunk
             out[start : start + chunk.size] = self.sess.run(self._rows, feed_dict=feed)
+        return out
+
+    def _structured_rows(self, feed, comps, out):
+        se = self._se_a
+        kinds = [kind for kind, _ in se.jacobian_blocks]
+        nlist, blocks = self.sess.run([se.nlist, [k for _, k in se.jacobian_blocks]], feed_dict=feed)
+        blocks = list(zip(kinds, blocks))  # dT/dw_e, once per frame
+        for start in range(0, comps.size, self.rows_per_pass):
+            chunk = comps[start : start + self.rows_per_pass]
+            atoms, q = np.unique(chunk // 3, return_inverse=True)
+            pi, pj, pw = se.pairs(nlist, atoms)
+            feed.update({se.pair_i: pi, se.pair_j: pj, se.pair_w: pw,
+                         se.comp_q: q.astype(np.int32), se.comp_a: (chunk % 3).astype(np.int32)})
+            if not self._checked:
+                mine, graph = self.sess.run([se.forces, self._force], feed_dict=feed)
+                scale = max(float(np.abs(graph).max()), 1e-300)
+                if not np.abs(mine - graph[chunk]).max() <= 1e-9 * scale:
+                    self._se_a = None
+                    self.structured_reason = "its forces differ from the frozen graph's"
+                    warnings.warn(f"structured se_e2_a force rows disabled: {self.structured_reason}; "
+                                  "using generic autodiff", RuntimeWarning)
+                    return None
+                self._checked = True
+            rows, V = self.sess.run([se.rows, se.V], feed_dict=feed)
+            se.add_dense(rows, V, blocks, self._offsets)
+            out[start : start + chunk.size] = rows
         return out
 
     def force_row_bruteforce(self, frame: Frame, component: int) -> np.ndarray:

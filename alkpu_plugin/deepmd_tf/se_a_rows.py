@@ -1,0 +1,391 @@
+"""Force rows dF/dw of an se_e2_a energy model, from the model's structure.
+
+Generic autodiff (``pfor`` over force components, :mod:`.jacobian`) runs, for
+every force component, a backward pass over the whole second-order graph, so
+each component pays for the embedding net on *all* neighbour pairs. But a
+coordinate r_k only moves the environment rows of the pairs that hold atom k.
+With the se_e2_a descriptor written as
+
+    T_i = 1/S sum_j R_ij (x) G(s_ij),    D_i = T_i^T T_i[:, :M2],
+    E   = c_out sum_i fit(D_i),         U_i = dE/dT_i,
+
+(R the normalised environment rows, s_ij = R_ij[0], S the number of neighbour
+slots, G the embedding net) a force component c = (k, alpha) is
+
+    F_c    = sum_i <U_i, tau_ic>,
+    tau_ic = 1/S sum_j w_ijk [rho_ij (x) G_ij + R_ij (x) G'_ij rho_ij[0]],
+    w_ijk  = [nlist_ij == k] - [i == k],    rho_ij = dR_ij/dr (DeePMD's rmat_deriv, alpha),
+
+and its weight gradient splits into three exact parts:
+
+* fitting weights: d/dw_f of sum_i <U_i, tau_ic>, a forward-mode tangent
+  (tau_c) through the fitting net; one copy of the weights per component gives
+  every component's gradient from one backward pass. The same pass gives
+  V_c = d/dT of that sum.
+* embedding weights through T (every pair): V_c . dT/dw_e, where dT/dw_e is
+  built once per frame (for the last layer in a compact form, since dG/dz is
+  diagonal there) and applied with one GEMM per weight.
+* embedding weights through tau (only the <= 2S pairs that hold atom k): the
+  gradient of 1/S sum_p w_p <U_i(p), Q_p> with G' carried forward-mode, again
+  with one copy of the weights per component.
+
+This file mirrors DeePMD-kit's se_e2_a embedding net and 'ener' fitting net
+for single-element float64 models (:func:`unsupported_reason` says what else
+falls back to the generic path), and :meth:`SeARows.check` compares its forces
+with the frozen graph's before its rows are used.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from deepmd.tf.env import tf
+
+__all__ = ["SeARows", "unsupported_reason", "training_script"]
+
+
+def _const(graph_def, name):
+    for node in graph_def.node:
+        if node.name == name:
+            return tf.make_ndarray(node.attr["value"].tensor)
+    return None
+
+
+def training_script(graph_def) -> dict | None:
+    value = _const(graph_def, "train_attr/training_script")
+    return None if value is None else json.loads(value.item().decode())
+
+
+def _embedding_names(nlayers: int) -> list[str]:
+    return [f"filter_type_0/{kind}_{i}_0" for i in range(1, nlayers + 1) for kind in ("matrix", "bias")]
+
+
+def _fitting_names(nlayers: int, names) -> list[str]:
+    out = []
+    for i in range(nlayers):
+        out += [f"layer_{i}_type_0/matrix", f"layer_{i}_type_0/bias"]
+        if f"layer_{i}_type_0/idt" in names:
+            out.append(f"layer_{i}_type_0/idt")
+    return out + ["final_layer_type_0/matrix", "final_layer_type_0/bias"]
+
+
+def unsupported_reason(graph_def, layout, values) -> str | None:
+    """Why the structured path cannot serve this model (``None``: it can)."""
+    script = training_script(graph_def)
+    if script is None:
+        return "the frozen model carries no training script"
+    model = script.get("model", {})
+    desc, fit = model.get("descriptor", {}), model.get("fitting_net", {})
+    if desc.get("type") not in ("se_e2_a", "se_a"):
+        return f"descriptor {desc.get('type')!r} (only se_e2_a)"
+    if fit.get("type", "ener") != "ener" or fit.get("numb_fparam", 0) or fit.get("numb_aparam", 0):
+        return "a fitting net other than a plain 'ener' one"
+    if len(model.get("type_map", [])) != 1:
+        return "more than one element type"
+    if desc.get("activation_function", "tanh") != "tanh" or fit.get("activation_function", "tanh") != "tanh":
+        return "activation functions other than tanh"
+    if desc.get("resnet_dt", False) or desc.get("exclude_types") or desc.get("type_one_side"):
+        return "resnet_dt, excluded types or type_one_side in the descriptor"
+    if any(n.op.startswith("Tabulate") for n in graph_def.node):
+        return "a compressed (tabulated) embedding"
+    names = set(layout.names)
+    expected = set(_embedding_names(len(desc.get("neuron", []))))
+    expected |= set(_fitting_names(len(fit.get("neuron", [])), names))
+    if names != expected:
+        return "weights not named as a single-type se_e2_a + ener model's"
+    if any(np.asarray(v).dtype != np.float64 for v in values):
+        return "weights that are not float64"
+    return None
+
+
+# ------------------------------------------------------------------ networks
+def _mm(x, W):
+    """x @ W; W either shared (in, out) or one copy per component (C, in, out)."""
+    if W.shape.ndims == 3:
+        return tf.matmul(x, W)
+    return tf.tensordot(x, W, 1)
+
+
+def _embed(s, layers, keep=False):
+    """DeePMD's embedding net on inputs s (any shape): (G, dG/ds), each s.shape + (M1,).
+
+    With ``keep`` also each layer's (input, tanh output, kind) for :func:`_weight_jacobian`.
+    """
+    x = tf.expand_dims(s, -1)
+    dx = tf.ones_like(x)
+    trace = []
+    for W, b in layers:
+        n_in, n_out = W.shape.as_list()[-2:]
+        h = tf.tanh(_mm(x, W) + b)
+        dh = (1.0 - h * h) * _mm(dx, W)
+        kind = "add" if n_out == n_in else "concat" if n_out == 2 * n_in else "new"
+        trace.append((x, h, kind))
+        if kind == "add":
+            x, dx = x + h, dx + dh
+        elif kind == "concat":
+            x, dx = tf.concat([x, x], -1) + h, tf.concat([dx, dx], -1) + dh
+        else:
+            x, dx = h, dh
+    return (x, dx, trace) if keep else (x, dx)
+
+
+def _fit_tangent(x, dx, layers, final):
+    """Tangent of DeePMD's 'ener' fitting output along dx (x: descriptors)."""
+    for i, (W, b, idt) in enumerate(layers):
+        n_in, n_out = W.shape.as_list()[-2:]
+        h = tf.tanh(_mm(x, W) + b)
+        dh = (1.0 - h * h) * _mm(dx, W)
+        if idt is not None:
+            h, dh = h * idt, dh * idt
+        if i >= 1 and n_out == n_in:
+            x, dx = x + h, dx + dh
+        else:
+            x, dx = h, dh
+    return _mm(dx, final)
+
+
+def _fit_rows(D, dD, layers, final, c_out):
+    """Per-component gradients of L_c = c_out sum_i <grad fit(D_i), dD_ic>, by hand.
+
+    D (n, in) is shared, dD (n, C, in) one tangent per component (atom-major, so
+    that every per-component product below is one GEMM with a shared operand).
+    The forward and backward passes of the plain network are shared. Returns
+    ({layer: (dW (C, in, out), db (C, out), didt (C, out) or None)},
+    dL/d(final matrix) (C, n_L, 1), dL_c/dD (n, C, in), dL/d(dD) (n, in)).
+    """
+    n, C = tf.shape(dD)[0], tf.shape(dD)[1]
+
+    def gemm(x, W):  # (n, C, i) x (i, o) as one GEMM
+        return tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), W), [n, C, -1])
+
+    x, dx, saved = D, dD, []
+    for i, (W, b, idt) in enumerate(layers):
+        n_in, n_out = W.shape.as_list()
+        h = tf.tanh(tf.matmul(x, W) + b)
+        d = 1.0 - h * h
+        dz = gemm(dx, W)
+        dh = d[:, None, :] * dz
+        res = i >= 1 and n_out == n_in
+        saved.append((x, dx, h, d, dz, dh, res))
+        a, da = (h * idt, dh * idt) if idt is not None else (h, dh)
+        x, dx = (x + a, dx + da) if res else (a, da)
+    g_final = c_out * tf.reduce_sum(dx, axis=0)[:, :, None]  # (C, n_L, 1)
+    xbar = None  # dL_c/dx_l, per component (n, C, width)
+    dxbar = c_out * tf.broadcast_to(tf.transpose(final), tf.shape(x))  # dL/d(dx_l), shared (n, width)
+    grads = {}
+    for i in reversed(range(len(layers))):
+        W, b, idt = layers[i]
+        n_in, n_out = W.shape.as_list()
+        x, dx, h, d, dz, dh, res = saved[i]
+        abar, dabar = xbar, dxbar
+        g_idt = None
+        if idt is not None:
+            g_idt = tf.reduce_sum(dabar[:, None, :] * dh, axis=0)
+            if abar is not None:
+                g_idt += tf.reduce_sum(abar * h[:, None, :], axis=0)
+            hbar = None if abar is None else abar * idt
+            dhbar = dabar * idt
+        else:
+            hbar, dhbar = abar, dabar
+        dzbar = dhbar * d  # shared (n, out)
+        hbar_c = (-2.0 * h * dhbar)[:, None, :] * dz  # through d = 1 - h^2
+        if hbar is not None:
+            hbar_c += hbar
+        zbar = hbar_c * d[:, None, :]  # per component (n, C, out)
+        # dW_c = dx_c^T dzbar + x^T zbar_c, each one GEMM over the atoms
+        g1 = tf.reshape(tf.matmul(tf.reshape(dx, [n, -1]), dzbar, transpose_a=True), [C, n_in, n_out])
+        g2 = tf.reshape(tf.matmul(x, tf.reshape(zbar, [n, -1]), transpose_a=True), [n_in, C, n_out])
+        grads[i] = (g1 + tf.transpose(g2, [1, 0, 2]), tf.reduce_sum(zbar, axis=0), g_idt)
+        x_prev_bar = gemm(zbar, tf.transpose(W))
+        dx_prev_bar = tf.matmul(dzbar, W, transpose_b=True)
+        if res:
+            x_prev_bar += abar if abar is not None else 0.0
+            dx_prev_bar += dabar
+        xbar, dxbar = x_prev_bar, dx_prev_bar
+    return grads, g_final, xbar, dxbar
+
+
+def _weight_jacobian(R, trace, layers, nnei):
+    """dT/dw_e per embedding weight, in layout order (matrix, bias per layer).
+
+    Returns (kind, tensor) pairs: ``("full", (nloc*4*M1, size))`` or, for the last
+    layer where dG/dz is diagonal, ``("diag", (nloc*4, in, out))`` for the matrix and
+    ``("diag", (nloc*4, out))`` for the bias.
+    """
+    nloc, S = tf.shape(R)[0], tf.shape(R)[1]
+    m1 = layers[-1][0].shape.as_list()[1]
+    out = []
+    J = None  # dG/dx_l, (nloc, S, M1, width of x_l)
+    for depth, ((W, _), (x, h, kind)) in enumerate(zip(reversed(layers), reversed(trace))):
+        n_in, n_out = W.shape.as_list()
+        d = 1.0 - h * h  # (nloc, S, out)
+        Rx = tf.reshape(R[:, :, :, None] * x[:, :, None, :], [nloc, S, 4 * n_in])
+        if depth == 0:
+            KW = tf.reshape(tf.matmul(Rx, d, transpose_a=True) / nnei, [nloc * 4, n_in, n_out])
+            Kb = tf.reshape(tf.matmul(R, d, transpose_a=True) / nnei, [nloc * 4, n_out])
+            out.append((("diag", KW), ("diag", Kb)))
+            Jx = d[:, :, :, None] * tf.transpose(W)[None, None]  # (nloc, S, M1, in)
+            eye = tf.eye(m1, dtype=R.dtype)[None, None]
+        else:
+            Jz = J * d[:, :, None, :]  # dG/dz_l, (nloc, S, M1, out)
+            B = tf.reshape(Jz, [nloc, S, m1 * n_out])
+            KW = tf.reshape(tf.matmul(Rx, B, transpose_a=True) / nnei, [nloc, 4, n_in, m1, n_out])
+            KW = tf.reshape(tf.transpose(KW, [0, 1, 3, 2, 4]), [nloc * 4 * m1, n_in * n_out])
+            Kb = tf.reshape(tf.matmul(R, B, transpose_a=True) / nnei, [nloc * 4 * m1, n_out])
+            out.append((("full", KW), ("full", Kb)))
+            Jx = tf.tensordot(Jz, tf.transpose(W), 1)  # one GEMM over all pairs
+            eye = J
+        if kind == "add":
+            Jx = Jx + (eye if depth else tf.broadcast_to(eye, tf.shape(Jx)))
+        elif kind == "concat":
+            skip = eye if depth else tf.broadcast_to(tf.eye(m1, dtype=R.dtype)[None, None],
+                                                     [nloc, S, m1, m1])
+            Jx = Jx + skip[..., :n_in] + skip[..., n_in:]
+        J = Jx
+    blocks = []
+    for pair in reversed(out):
+        blocks += list(pair)
+    return blocks
+
+
+def _per_component(w, C):
+    """One copy of a weight per component (gradients w.r.t. it are per component)."""
+    shape = w.shape.as_list()
+    if len(shape) == 1:
+        shape = [1] + shape
+    return tf.broadcast_to(tf.reshape(w, shape), tf.concat([[C], shape], 0))
+
+
+class SeARows:
+    """The structured force-row graph, built inside a :class:`ModelJacobian`'s graph.
+
+    ``weights`` are the placeholders of the layout's tensors; ``get(name)`` returns
+    the frozen graph's tensor ``name`` as imported there.
+    """
+
+    def __init__(self, graph_def, layout, weights, get, script: dict):
+        desc, fitting = script["model"]["descriptor"], script["model"]["fitting_net"]
+        S = self.nnei = int(sum(desc["sel"]))
+        m2 = int(desc["axis_neuron"])
+        byname = dict(zip(layout.names, weights))
+        emb_names = _embedding_names(len(desc["neuron"]))
+        self.emb_names = emb_names
+        emb = [(byname[emb_names[2 * i]], byname[emb_names[2 * i + 1]]) for i in range(len(emb_names) // 2)]
+        fit = [(byname[f"layer_{i}_type_0/matrix"], byname[f"layer_{i}_type_0/bias"],
+                byname.get(f"layer_{i}_type_0/idt")) for i in range(len(fitting["neuron"]))]
+        final = byname["final_layer_type_0/matrix"]
+        out_std = _const(graph_def, "model_attr/model_attr/t_out_std")
+        c_out = float(np.ravel(out_std)[0]) if out_std is not None else 1.0
+
+        # ---- per frame: environment, embedding, T, U, dT/dw_e
+        R = tf.reshape(get("o_rmat"), [-1, S, 4])
+        rho = tf.reshape(get("o_rmat_deriv"), [-1, S, 4, 3])
+        self.nlist = tf.reshape(get("o_nlist"), [-1, S])
+        nloc = tf.shape(R)[0]
+        G, Gp, trace = _embed(R[:, :, 0], emb, keep=True)
+        m1 = G.shape.as_list()[-1]
+        T = tf.stop_gradient(tf.einsum("nsa,nsm->nam", R, G) / S)
+        D = tf.reshape(tf.einsum("nam,nak->nmk", T, T[:, :, :m2]), [nloc, m1 * m2])
+        # dE/dT: the gradient of the fitting output, via its tangent along each T direction
+        probe = tf.zeros_like(T)
+        dD = tf.reshape(tf.einsum("nam,nak->nmk", probe, T[:, :, :m2])
+                        + tf.einsum("nam,nak->nmk", T, probe[:, :, :m2]), [nloc, m1 * m2])
+        U = tf.stop_gradient(tf.gradients(c_out * tf.reduce_sum(_fit_tangent(D, dD, fit, final)), probe)[0])
+        self.jacobian_blocks = _weight_jacobian(R, trace, emb, S)
+
+        # ---- per chunk of components: pairs that hold each requested atom, and tau
+        self.pair_i = tf.placeholder(tf.int32, [None, None], name="se_a_pair_i")
+        self.pair_j = tf.placeholder(tf.int32, [None, None], name="se_a_pair_j")
+        self.pair_w = tf.placeholder(tf.float64, [None, None], name="se_a_pair_w")
+        self.comp_q = tf.placeholder(tf.int32, [None], name="se_a_comp_atom")
+        self.comp_a = tf.placeholder(tf.int32, [None], name="se_a_comp_dir")
+        K = tf.shape(self.pair_i)[0]
+        C = tf.shape(self.comp_q)[0]
+        idx = tf.stack([self.pair_i, self.pair_j], -1)
+        Rp, rhop = tf.gather_nd(R, idx), tf.gather_nd(rho, idx)  # (K, P, 4), (K, P, 4, 3)
+        Gs, Gps = tf.stop_gradient(tf.gather_nd(G, idx)), tf.stop_gradient(tf.gather_nd(Gp, idx))
+        Q = (tf.einsum("kpax,kpm->kpxam", rhop, Gs)
+             + tf.einsum("kpa,kpm,kpx->kpxam", Rp, Gps, rhop[:, :, 0, :]))
+        Q = Q * (self.pair_w / S)[:, :, None, None, None]
+        seg = tf.range(K)[:, None] * nloc + self.pair_i
+        tau = tf.reshape(tf.math.unsorted_segment_sum(Q, seg, K * nloc), [K, nloc, 3, 4, m1])
+        tau = tf.transpose(tau, [0, 2, 1, 3, 4])  # (K, 3, nloc, 4, M1)
+        tau_c = tf.gather_nd(tau, tf.stack([self.comp_q, self.comp_a], -1))  # (C, nloc, 4, M1)
+        self.forces = tf.einsum("cnam,nam->c", tau_c, U)  # for the self-check
+        tau_c = tf.transpose(tau_c, [1, 0, 2, 3])  # atom-major (nloc, C, 4, M1)
+
+        # ---- fitting weights and V: the tangent tau_c through the fitting net, by hand
+        T2 = T[:, None, :, :m2]  # (nloc, 1, 4, M2), broadcast over components
+        dD = tf.reshape(tf.matmul(tau_c, T2, transpose_a=True)
+                        + tf.matmul(T[:, None], tau_c[..., :m2], transpose_a=True), [nloc, C, m1 * m2])
+        fgrads, g_final, Dbar, dDbar = _fit_rows(D, dD, fit, final, c_out)
+        g = {"final_layer_type_0/matrix": g_final}
+        for i, (gW, gb, gt) in fgrads.items():
+            g[f"layer_{i}_type_0/matrix"], g[f"layer_{i}_type_0/bias"] = gW, gb
+            if gt is not None:
+                g[f"layer_{i}_type_0/idt"] = gt
+        # V_c = dL_c/dT through D = T^T T2 and dD = tau^T T2 + T^T tau2 (T2 = T[:, :M2]):
+        # T2 Dbar^T + [T Dbar | 0] + [tau dDbar | 0] + tau2 dDbar^T
+        Dbar = tf.reshape(Dbar, [nloc, C, m1, m2])
+        dDbar = tf.reshape(dDbar, [nloc, 1, m1, m2])
+        pad = [[0, 0], [0, 0], [0, 0], [0, m1 - m2]]
+        V = (tf.matmul(tf.broadcast_to(T2, [nloc, C, 4, m2]), Dbar, transpose_b=True)
+             + tf.pad(tf.matmul(tf.broadcast_to(T[:, None], [nloc, C, 4, m1]), Dbar), pad)
+             + tf.pad(tf.matmul(tau_c, tf.broadcast_to(dDbar, [nloc, C, m1, m2])), pad)
+             + tf.matmul(tau_c[..., :m2], tf.broadcast_to(dDbar, [nloc, C, m1, m2]), transpose_b=True))
+        V = tf.transpose(V, [1, 0, 2, 3])
+        self.V = tf.reshape(V, [C, -1])  # (C, nloc*4*M1)
+
+        # ---- embedding weights through tau: only the pairs that hold atom k
+        pidx = tf.stack([tf.gather(self.pair_i, self.comp_q), tf.gather(self.pair_j, self.comp_q)], -1)
+        pw = tf.gather(self.pair_w, self.comp_q)  # (C, P)
+        emb_c = [(_per_component(W, C), _per_component(b, C)) for W, b in emb]
+        Gq, Gpq = _embed(tf.gather_nd(R[:, :, 0], pidx), emb_c)  # (C, P, M1)
+        rq = tf.gather(tf.gather_nd(rho, pidx), self.comp_a, axis=3, batch_dims=1)  # (C, P, 4)
+        Rq = tf.gather_nd(R, pidx)
+        Uq = tf.gather(U, pidx[:, :, 0])  # (C, P, 4, M1)
+        Qq = rq[..., None] * Gq[:, :, None, :] + Rq[..., None] * (Gpq * rq[..., :1])[:, :, None, :]
+        L_tau = tf.reduce_sum(pw[:, :, None, None] * Uq * Qq) / S
+        grads = tf.gradients(L_tau, [v for layer in emb_c for v in layer])
+        g.update(zip(emb_names, grads))
+
+        self.rows = tf.concat(
+            [tf.reshape(g[n] if g.get(n) is not None else tf.zeros([C] + w.shape.as_list(), tf.float64),
+                        [C, -1]) for n, w in zip(layout.names, weights)], axis=1)
+
+    # ------------------------------------------------------------ numpy side
+    @staticmethod
+    def pairs(nlist: np.ndarray, atoms: np.ndarray):
+        """(pair_i, pair_j, pair_w), (K, P): for each atom k its own rows and the rows that hold k."""
+        lists = []
+        for k in atoms:
+            own_j = np.nonzero(nlist[k] >= 0)[0]
+            own_w = (nlist[k, own_j] == k).astype(float) - 1.0
+            oi, oj = np.nonzero(nlist == k)
+            keep = oi != k
+            lists.append((np.concatenate([np.full(own_j.size, k), oi[keep]]),
+                          np.concatenate([own_j, oj[keep]]),
+                          np.concatenate([own_w, np.ones(int(keep.sum()))])))
+        P = max(1, max(len(p[0]) for p in lists))
+        pi = np.zeros((len(atoms), P), np.int32)
+        pj = np.zeros((len(atoms), P), np.int32)
+        pw = np.zeros((len(atoms), P), np.float64)
+        for r, (i, j, w) in enumerate(lists):
+            pi[r, : i.size], pj[r, : j.size], pw[r, : w.size] = i, j, w
+        return pi, pj, pw
+
+    def add_dense(self, rows: np.ndarray, V: np.ndarray, blocks, offsets) -> None:
+        """rows[:, w_e] += V_c . dT/dw_e for every embedding weight (numpy BLAS)."""
+        for name, (kind, K) in zip(self.emb_names, blocks):
+            a, b = offsets[name]
+            if kind == "full":
+                rows[:, a:b] += V @ K
+            elif K.ndim == 3:  # last layer's matrix: K[x, p, q] with x = (atom, 4), V[c, x, q]
+                Vq = V.reshape(V.shape[0], -1, K.shape[2])
+                part = np.matmul(Vq.transpose(2, 0, 1), K.transpose(2, 0, 1))  # (q, c, p)
+                rows[:, a:b] += part.transpose(1, 2, 0).reshape(V.shape[0], -1)
+            else:  # last layer's bias: K[x, q]
+                Vq = V.reshape(V.shape[0], -1, K.shape[1])
+                rows[:, a:b] += np.einsum("cxq,xq->cq", Vq, K)
