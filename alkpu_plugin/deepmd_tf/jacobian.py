@@ -110,8 +110,11 @@ class ModelJacobian:
             def row(i):
                 return flat(tf.gradients(tf.gather(self._force, self._components[i]), self._weights))
 
-            self._rows = pfor(row, tf.shape(self._components)[0], fallback_to_while_loop=True)
-            self._row = row(0)
+            # the generic vectorised graph is built on first use (structured models never need it)
+            self._rows = None
+            self._make_rows = lambda: pfor(row, tf.shape(self._components)[0], fallback_to_while_loop=True)
+            self._row = None
+            self._make_row = lambda: row(0)
             self._energy_row = flat(tf.gradients(self._energy[0], self._weights))
             self.structured_reason = unsupported_reason(graph_def, layout, values) if structured \
                 else "switched off"
@@ -191,6 +194,9 @@ class ModelJacobian:
             done = self._structured_rows(feed, comps, out)
             if done is not None:
                 return done
+        if self._rows is None:
+            with self.graph.as_default():
+                self._rows = self._make_rows()
         for start in range(0, comps.size, self.rows_per_pass):
             chunk = comps[start : start + self.rows_per_pass]
             feed[self._components] = chunk
@@ -227,6 +233,9 @@ class ModelJacobian:
         """dF_c/dw for one component: one backward pass (the paper's algorithm)."""
         feed, order = self._feed(frame)
         feed[self._components] = self._sorted_components(order, np.array([component]))
+        if self._row is None:
+            with self.graph.as_default():
+                self._row = self._make_row()
         return self.sess.run(self._row, feed_dict=feed)
 
     def close(self) -> None:

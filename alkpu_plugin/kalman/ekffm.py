@@ -43,7 +43,7 @@ _TRI = {  # for a factorised P: triangular matrix-vector / matrix-matrix product
 
 # factorised blocks larger than this are multiplied by strips of this many rows
 # (GEMM), smaller ones by one trmm
-_STRIP = 2048
+_STRIP = 1024
 
 # fold ``scale`` into the blocks when it leaves this range (rare: with the
 # default lambda_1, nu the product of 1/lambda_k converges to about 5e6)
