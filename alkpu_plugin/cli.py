@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", help="only frames START:STOP (for splitting a trajectory into tasks)")
     p.add_argument("--merge", nargs="+", help="merge --detail files of parts instead of computing")
     p.add_argument("--seed", type=int, default=0, help="seed of the paper's N/2 atom draw")
-    p.add_argument("--rows-per-pass", type=int, default=96, help="force components per vectorised pass")
+    p.add_argument("--rows-per-pass", type=int, default=96, help="force components per graph evaluation (memory vs speed)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=cmd_kpu)
 

@@ -242,6 +242,8 @@ class KPUEngine:
             "seed": self.seed,
             "natoms": int(frame_list[0].atype.size),
             "force_kpu": "mean of kpu_{i,a} over N/2 random atoms and 3 components (paper)",
+            "force_rows": ("se_e2_a structure" if self.jacobian.structured_reason is None
+                           else f"generic autodiff: {self.jacobian.structured_reason}"),
         }
         return KPUResult(idx, all_steps[idx], np.array(force), np.array(energy), np.array(atom),
                          self.calibration, meta)

@@ -81,6 +81,7 @@ def test_structured_rows_equal_generic_autodiff(engine, cu_data):
     rows = engine.jacobian.force_rows(frames[0])
     assert engine.jacobian.structured_reason is None  # passed its self-check
     assert _row_rel(rows, _generic_rows(engine.jacobian, frames[0])) < 1e-10
+    assert engine.compute(system, frames=[5]).meta["force_rows"] == "se_e2_a structure"
 
 
 def test_structured_rows_in_a_cell_smaller_than_the_cutoff(engine):

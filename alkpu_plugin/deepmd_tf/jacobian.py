@@ -2,11 +2,13 @@
 
 The frozen graph (``dp freeze`` output) is imported with its weight constants
 replaced by inputs, so TensorFlow can differentiate the model's outputs with
-respect to the weights.  Two paths give the same numbers:
+respect to the weights.  Three paths give the same numbers:
 
 * :meth:`ModelJacobian.force_rows`: many force components per graph
-  evaluation, the backward pass vectorised over output directions with
-  TensorFlow's ``pfor`` (``rows_per_pass`` at a time to bound memory);
+  evaluation (``rows_per_pass`` at a time to bound memory). For se_e2_a energy
+  models from the model's structure (:mod:`.se_a_rows`, checked against the
+  graph's forces first); otherwise the backward pass vectorised over output
+  directions with TensorFlow's ``pfor`` (generic autodiff);
 * :meth:`ModelJacobian.force_row_bruteforce`: one backward pass per component,
   the paper's algorithm, kept for tests and benchmarks.
 
@@ -68,7 +70,10 @@ class ModelJacobian:
     layout
         The Kalman layout of the model's trainable weights.
     rows_per_pass
-        Force components per vectorised backward pass.
+        Force components per graph evaluation.
+    structured
+        Use the se_e2_a structure when the model allows it (``structured_reason``
+        says why not, ``None`` when it is used); ``False`` forces generic autodiff.
     """
 
     def __init__(self, model_path: str | os.PathLike, layout: BlockLayout, rows_per_pass: int = 96,

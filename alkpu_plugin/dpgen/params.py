@@ -83,7 +83,7 @@ def kpu_arguments() -> list[Argument]:
                  "the exploration jobs run."),
         Argument("rows_per_pass", int, optional=True, default=96,
                  extra_check=lambda x: x > 0, extra_check_errmsg="rows_per_pass must be positive",
-                 doc="Force components per vectorised backward pass."),
+                 doc="Force components per graph evaluation (memory vs speed)."),
     ]
 
 
