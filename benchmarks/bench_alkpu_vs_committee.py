@@ -87,14 +87,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cu-emt"))
     parser.add_argument("--rounds", type=int, help="only the first N rounds of the ladder")
-    parser.add_argument("--only", choices=MODES, help="run one of the two")
+    parser.add_argument("--only", choices=MODES,
+                        help="run one of the two (compared with the other's earlier run, if any)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     for mode in MODES:
         if args.only in (None, mode):
             run_demo(out / mode, mode, args.rounds)
-    if args.only:
-        return 0
+    if not all((out / mode / "record.dpgen").exists() for mode in MODES):
+        return 0  # --only with the other run not there yet: nothing to compare
     result = {mode: summarise(out / mode) for mode in MODES}
     result["machine"] = {"cpus": os.cpu_count()}
     (out / "comparison.json").write_text(json.dumps(result, indent=1))
