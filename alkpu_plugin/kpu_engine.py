@@ -161,7 +161,7 @@ class KPUEngine:
     seed
         Seed of the paper's atom draw.
     rows_per_pass
-        Force components per vectorised backward pass (memory vs speed).
+        Force components per graph evaluation (memory vs speed).
     calibration
         A calibration dict, or ``None`` to use the one stored beside the state.
     factorize

@@ -10,9 +10,10 @@ Per frame it measures
 * paper: for N/2 random atoms x 3 components, one backward pass and one
   quadratic form (reading every block of P) per component;
 * engine, same numbers: the same N/2 x 3 components through the engine
-  (vectorised backward passes; P's blocks Cholesky-factorised once per loaded
-  state, then one trmm per block; the one-off factorisation time is reported
-  apart);
+  (rows from the se_e2_a structure; P's blocks Cholesky-factorised once per
+  loaded state, then g U^T per block: trmm, or GEMM by strips of rows for large
+  blocks; the one-off factorisation time is reported apart);
+* the same rows by generic autodiff (pfor over components), for comparison;
 * engine, all atoms: all 3N components (what `alkpu kpu` computes);
 * one energy + force evaluation of the model, for scale;
 and checks that engine and paper agree (max relative difference).
@@ -80,9 +81,8 @@ def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
     import dpdata
 
     from alkpu_plugin.kalman import kpu as kpu_math
-    from alkpu_plugin.kpu_engine import KPUEngine
-
     from alkpu_plugin.kalman import load_state
+    from alkpu_plugin.kpu_engine import KPUEngine
 
     engine = KPUEngine(graph, seed=seed, rows_per_pass=96)
     kf = engine.kf  # as saved: the paper's algorithm reads these blocks with symv

@@ -126,8 +126,7 @@ def test_structured_rows_fall_back_when_their_self_check_fails(trained_model, cu
 def test_models_the_structure_does_not_cover_use_generic_autodiff(trained_model):
     from deepmd.tf.env import tf
 
-    from alkpu_plugin.deepmd_tf.frozen import find_kalman_state, frozen_weights
-    from alkpu_plugin.deepmd_tf.jacobian import _graph_def
+    from alkpu_plugin.deepmd_tf.frozen import _graph_def, find_kalman_state, frozen_weights
     from alkpu_plugin.deepmd_tf.se_a_rows import training_script, unsupported_reason
     from alkpu_plugin.kalman import BlockLayout, read_meta
 

@@ -41,6 +41,16 @@ def _graph_def(model_path: str | os.PathLike):
     return graph_def
 
 
+def _const(graph_def, name):
+    """The value of the constant ``name`` in a parsed graph, or None."""
+    from deepmd.tf.env import tf
+
+    for node in graph_def.node:
+        if node.name == name:
+            return tf.make_ndarray(node.attr["value"].tensor)
+    return None
+
+
 def frozen_weights(model_path: str | os.PathLike, names) -> list[np.ndarray]:
     """The constants named ``names`` in a frozen model."""
     from deepmd.tf.env import tf

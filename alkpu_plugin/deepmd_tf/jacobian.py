@@ -27,7 +27,7 @@ import numpy as np
 from deepmd.tf.env import default_tf_session_config, tf
 
 from ..kalman import BlockLayout
-from .frozen import frozen_weights
+from .frozen import _const, _graph_def, frozen_weights
 from .se_a_rows import SeARows, training_script, unsupported_reason
 
 __all__ = ["ModelJacobian", "Frame", "TypeMapError"]
@@ -46,20 +46,6 @@ class Frame:
     atype: np.ndarray  # (N,) model type indices
 
 
-def _graph_def(path):
-    graph_def = tf.GraphDef()
-    with open(path, "rb") as fh:
-        graph_def.ParseFromString(fh.read())
-    return graph_def
-
-
-def _const(graph_def, name):
-    for node in graph_def.node:
-        if node.name == name:
-            return tf.make_ndarray(node.attr["value"].tensor)
-    return None
-
-
 class ModelJacobian:
     """A frozen model whose weights can be differentiated against.
 
@@ -70,7 +56,7 @@ class ModelJacobian:
     layout
         The Kalman layout of the model's trainable weights.
     rows_per_pass
-        Force components per graph evaluation.
+        Force components per graph evaluation (memory vs speed).
     structured
         Use the se_e2_a structure when the model allows it (``structured_reason``
         says why not, ``None`` when it is used); ``False`` forces generic autodiff.

@@ -43,14 +43,9 @@ import numpy as np
 
 from deepmd.tf.env import tf
 
+from .frozen import _const
+
 __all__ = ["SeARows", "unsupported_reason", "training_script"]
-
-
-def _const(graph_def, name):
-    for node in graph_def.node:
-        if node.name == name:
-            return tf.make_ndarray(node.attr["value"].tensor)
-    return None
 
 
 def training_script(graph_def) -> dict | None:

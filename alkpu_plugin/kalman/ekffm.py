@@ -188,8 +188,9 @@ class KalmanFilter:
     def quadratic(self, G: np.ndarray) -> np.ndarray:
         """``g^T P g`` for every row g of G (shape (m, n) or (n,)).
 
-        Each block of P is read once for all m rows (one BLAS ``symm``, or
-        ``trmm`` on a factorised block), which is what makes many KPU
+        Each block of P is read once for all m rows (one BLAS ``symm``; on a
+        factorised block ``trmm``, or one GEMM per strip of ``_STRIP`` rows of U
+        for larger blocks), which is what makes many KPU
         components per model evaluation cheap; a single row uses ``symv``
         (``trmv``).
         """
