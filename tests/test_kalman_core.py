@@ -168,12 +168,15 @@ def test_quadratic_form_equals_dense(monkeypatch):
     assert kf.factorize() == len(layout.blocks)
     np.testing.assert_allclose(kf.quadratic(G), expected, rtol=1e-10)
     assert kf.quadratic(G[3]) == pytest.approx(expected[3], rel=1e-10)
-    # large factorised blocks go by strips of rows (GEMM): force that path on these small ones
+    # large factorised blocks go by strips of rows, their diagonal blocks by sub-strips
+    # (GEMMs): force that path on these small ones, with strips that do not divide them
     import alkpu_plugin.kalman.ekffm as ekffm
 
-    monkeypatch.setattr(ekffm, "_STRIP", 3)
-    assert max(b - a for a, b in layout.blocks) > 3
-    np.testing.assert_allclose(kf.quadratic(G), expected, rtol=1e-10)
+    assert max(b - a for a, b in layout.blocks) > 5
+    for strip, sub in [(3, 256), (5, 2), (4, 1)]:
+        monkeypatch.setattr(ekffm, "_STRIP", strip)
+        monkeypatch.setattr(ekffm, "_SUB", sub)
+        np.testing.assert_allclose(kf.quadratic(G), expected, rtol=1e-10)
     np.testing.assert_allclose(kf.dense(), P, rtol=1e-10, atol=1e-14)
     with pytest.raises(RuntimeError, match="factorised"):
         kf.update(G[0], 0.1)

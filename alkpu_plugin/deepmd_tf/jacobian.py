@@ -197,8 +197,10 @@ class ModelJacobian:
     def _structured_rows(self, feed, comps, out):
         se = self._se_a
         kinds = [kind for kind, _ in se.jacobian_blocks]
-        nlist, blocks = self.sess.run([se.nlist, [k for _, k in se.jacobian_blocks]], feed_dict=feed)
+        nlist, blocks, per_frame = self.sess.run(
+            [se.nlist, [k for _, k in se.jacobian_blocks], se.frame_tensors], feed_dict=feed)
         blocks = list(zip(kinds, blocks))  # dT/dw_e, once per frame
+        feed.update(zip(se.frame_tensors, per_frame))  # environment, embedding, dE/dT: once per frame
         for start in range(0, comps.size, self.rows_per_pass):
             chunk = comps[start : start + self.rows_per_pass]
             atoms, q = np.unique(chunk // 3, return_inverse=True)

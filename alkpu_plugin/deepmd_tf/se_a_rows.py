@@ -141,14 +141,16 @@ def _fit_tangent(x, dx, layers, final):
     return _mm(dx, final)
 
 
-def _fit_rows(D, dD, layers, final, c_out):
+def _fit_rows(D, dD, dz0, layers, final, c_out):
     """Per-component gradients of L_c = c_out sum_i <grad fit(D_i), dD_ic>, by hand.
 
     D (n, in) is shared, dD (n, C, in) one tangent per component (atom-major, so
-    that every per-component product below is one GEMM with a shared operand).
-    The forward and backward passes of the plain network are shared. Returns
-    ({layer: (dW (C, in, out), db (C, out), didt (C, out) or None)},
-    dL/d(final matrix) (C, n_L, 1), dL_c/dD (n, C, in), dL/d(dD) (n, in)).
+    that every per-component product below is one GEMM with a shared operand);
+    dz0 = dD @ W_0 (n, C, out_0), the first layer's tangent, which the caller
+    forms more cheaply than this product. The forward and backward passes of the
+    plain network are shared. Returns ({layer: (dW (C, in, out), db (C, out),
+    didt (C, out) or None)}, dL/d(final matrix) (C, n_L, 1), dL_c/dz_0 (n, C, out_0),
+    dL/d(dD) (n, in)).
     """
     n, C = tf.shape(dD)[0], tf.shape(dD)[1]
 
@@ -160,7 +162,7 @@ def _fit_rows(D, dD, layers, final, c_out):
         n_in, n_out = W.shape.as_list()
         h = tf.tanh(tf.matmul(x, W) + b)
         d = 1.0 - h * h
-        dz = gemm(dx, W)
+        dz = dz0 if i == 0 else gemm(dx, W)
         dh = d[:, None, :] * dz
         res = i >= 1 and n_out == n_in
         saved.append((x, dx, h, d, dz, dh, res))
@@ -189,17 +191,19 @@ def _fit_rows(D, dD, layers, final, c_out):
         if hbar is not None:
             hbar_c += hbar
         zbar = hbar_c * d[:, None, :]  # per component (n, C, out)
-        # dW_c = dx_c^T dzbar + x^T zbar_c, each one GEMM over the atoms
+        # dW_c = dx_c^T dzbar + x^T zbar_c: one GEMM over the atoms, and one per component
+        # with the shared x (so that the result comes out component-major)
         g1 = tf.reshape(tf.matmul(tf.reshape(dx, [n, -1]), dzbar, transpose_a=True), [C, n_in, n_out])
-        g2 = tf.reshape(tf.matmul(x, tf.reshape(zbar, [n, -1]), transpose_a=True), [n_in, C, n_out])
-        grads[i] = (g1 + tf.transpose(g2, [1, 0, 2]), tf.reduce_sum(zbar, axis=0), g_idt)
+        g2 = tf.matmul(x[None], tf.transpose(zbar, [1, 0, 2]), transpose_a=True)
+        grads[i] = (g1 + g2, tf.reduce_sum(zbar, axis=0), g_idt)
+        if i == 0:
+            return grads, g_final, zbar, tf.matmul(dzbar, W, transpose_b=True)
         x_prev_bar = gemm(zbar, tf.transpose(W))
         dx_prev_bar = tf.matmul(dzbar, W, transpose_b=True)
         if res:
             x_prev_bar += abar if abar is not None else 0.0
             dx_prev_bar += dabar
         xbar, dxbar = x_prev_bar, dx_prev_bar
-    return grads, g_final, xbar, dxbar
 
 
 def _weight_jacobian(R, trace, layers, nnei):
@@ -210,26 +214,33 @@ def _weight_jacobian(R, trace, layers, nnei):
     ``("diag", (nloc*4, out))`` for the bias.
     """
     nloc, S = tf.shape(R)[0], tf.shape(R)[1]
+    Rs = R / nnei  # T carries 1/S: fold it into the small factor once
     m1 = layers[-1][0].shape.as_list()[1]
     out = []
     J = None  # dG/dx_l, (nloc, S, M1, width of x_l)
+    last = len(layers) - 1
     for depth, ((W, _), (x, h, kind)) in enumerate(zip(reversed(layers), reversed(trace))):
         n_in, n_out = W.shape.as_list()
         d = 1.0 - h * h  # (nloc, S, out)
-        Rx = tf.reshape(R[:, :, :, None] * x[:, :, None, :], [nloc, S, 4 * n_in])
+        # [R/S | R/S (x) x_l]: the bias's and the matrix's factor, contracted in one product
+        L = tf.concat([Rs, tf.reshape(Rs[:, :, :, None] * x[:, :, None, :], [nloc, S, 4 * n_in])], -1)
         if depth == 0:
-            KW = tf.reshape(tf.matmul(Rx, d, transpose_a=True) / nnei, [nloc * 4, n_in, n_out])
-            Kb = tf.reshape(tf.matmul(R, d, transpose_a=True) / nnei, [nloc * 4, n_out])
+            M = tf.matmul(L, d, transpose_a=True)  # (nloc, 4 + 4 n_in, out)
+            KW = tf.reshape(M[:, 4:], [nloc * 4, n_in, n_out])
+            Kb = tf.reshape(M[:, :4], [nloc * 4, n_out])
             out.append((("diag", KW), ("diag", Kb)))
             Jx = d[:, :, :, None] * tf.transpose(W)[None, None]  # (nloc, S, M1, in)
             eye = tf.eye(m1, dtype=R.dtype)[None, None]
         else:
             Jz = J * d[:, :, None, :]  # dG/dz_l, (nloc, S, M1, out)
             B = tf.reshape(Jz, [nloc, S, m1 * n_out])
-            KW = tf.reshape(tf.matmul(Rx, B, transpose_a=True) / nnei, [nloc, 4, n_in, m1, n_out])
+            M = tf.matmul(L, B, transpose_a=True)  # (nloc, 4 + 4 n_in, M1 out)
+            KW = tf.reshape(M[:, 4:], [nloc, 4, n_in, m1, n_out])
             KW = tf.reshape(tf.transpose(KW, [0, 1, 3, 2, 4]), [nloc * 4 * m1, n_in * n_out])
-            Kb = tf.reshape(tf.matmul(R, B, transpose_a=True) / nnei, [nloc * 4 * m1, n_out])
+            Kb = tf.reshape(M[:, :4], [nloc * 4 * m1, n_out])
             out.append((("full", KW), ("full", Kb)))
+            if depth == last:
+                break  # the input layer: no Jacobian below it is needed
             Jx = tf.tensordot(Jz, tf.transpose(W), 1)  # one GEMM over all pairs
             eye = J
         if kind == "add":
@@ -289,6 +300,14 @@ class SeARows:
                         + tf.einsum("nam,nak->nmk", T, probe[:, :, :m2]), [nloc, m1 * m2])
         U = tf.stop_gradient(tf.gradients(c_out * tf.reduce_sum(_fit_tangent(D, dD, fit, final)), probe)[0])
         self.jacobian_blocks = _weight_jacobian(R, trace, emb, S)
+        # A[i, (a, m), o] = d z_0,o / d T_i[a, m] (the first fitting layer's pre-activation):
+        # sum_k T2[a, k] W_0[(m, k), o] + [m < M2] sum_m' T[a, m'] W_0[(m', m), o]
+        W0 = tf.reshape(fit[0][0], [m1, m2, -1])
+        A2 = tf.pad(tf.einsum("nam,mko->nako", T, W0), [[0, 0], [0, 0], [0, m1 - m2], [0, 0]])
+        A = tf.reshape(tf.einsum("nak,mko->namo", T[:, :, :m2], W0) + A2, [nloc, 4 * m1, -1])
+        # computed once per frame and fed back to every chunk of components (a fed
+        # tensor's inputs are not evaluated again)
+        self.frame_tensors = [R, rho, G, Gp, T, D, U, A]
 
         # ---- per chunk of components: pairs that hold each requested atom, and tau
         self.pair_i = tf.placeholder(tf.int32, [None, None], name="se_a_pair_i")
@@ -315,21 +334,24 @@ class SeARows:
         T2 = T[:, None, :, :m2]  # (nloc, 1, 4, M2), broadcast over components
         dD = tf.reshape(tf.matmul(tau_c, T2, transpose_a=True)
                         + tf.matmul(T[:, None], tau_c[..., :m2], transpose_a=True), [nloc, C, m1 * m2])
-        fgrads, g_final, Dbar, dDbar = _fit_rows(D, dD, fit, final, c_out)
+        # the first fitting layer's tangent dD_c W_0 = tau_c . A, with A (per atom) the map
+        # from T-directions to that layer's pre-activation: (nloc, 4*M1, out_0)
+        tau_flat = tf.reshape(tau_c, [nloc, C, 4 * m1])
+        dz0 = tf.matmul(tau_flat, A)
+        fgrads, g_final, zbar0, dDbar = _fit_rows(D, dD, dz0, fit, final, c_out)
         g = {"final_layer_type_0/matrix": g_final}
         for i, (gW, gb, gt) in fgrads.items():
             g[f"layer_{i}_type_0/matrix"], g[f"layer_{i}_type_0/bias"] = gW, gb
             if gt is not None:
                 g[f"layer_{i}_type_0/idt"] = gt
         # V_c = dL_c/dT through D = T^T T2 and dD = tau^T T2 + T^T tau2 (T2 = T[:, :M2]):
-        # T2 Dbar^T + [T Dbar | 0] + [tau dDbar | 0] + tau2 dDbar^T
-        Dbar = tf.reshape(Dbar, [nloc, C, m1, m2])
+        # T2 Dbar^T + [T Dbar | 0] + [tau dDbar | 0] + tau2 dDbar^T with Dbar = zbar_0 W_0^T;
+        # the first two terms together are zbar_0 A^T
         dDbar = tf.reshape(dDbar, [nloc, 1, m1, m2])
         pad = [[0, 0], [0, 0], [0, 0], [0, m1 - m2]]
-        V = (tf.matmul(tf.broadcast_to(T2, [nloc, C, 4, m2]), Dbar, transpose_b=True)
-             + tf.pad(tf.matmul(tf.broadcast_to(T[:, None], [nloc, C, 4, m1]), Dbar), pad)
-             + tf.pad(tf.matmul(tau_c, tf.broadcast_to(dDbar, [nloc, C, m1, m2])), pad)
-             + tf.matmul(tau_c[..., :m2], tf.broadcast_to(dDbar, [nloc, C, m1, m2]), transpose_b=True))
+        V = (tf.reshape(tf.matmul(zbar0, A, transpose_b=True), [nloc, C, 4, m1])
+             + tf.pad(tf.matmul(tau_c, dDbar), pad)
+             + tf.matmul(tau_c[..., :m2], dDbar, transpose_b=True))
         V = tf.transpose(V, [1, 0, 2, 3])
         self.V = tf.reshape(V, [C, -1])  # (C, nloc*4*M1)
 
