@@ -8,7 +8,8 @@ is trained.
 
 Per frame it measures
 * paper: for N/2 random atoms x 3 components, one backward pass and one
-  quadratic form (reading every block of P) per component;
+  quadratic form (reading every block of P) per component (the passes and the
+  quadratic forms timed as two loops);
 * engine, same numbers: the same N/2 x 3 components through the engine
   (rows from the se_e2_a structure; P's blocks Cholesky-factorised once per
   loaded state, then g U^T per block: trmm, or GEMM by strips of rows for large
@@ -16,7 +17,8 @@ Per frame it measures
 * the same rows by generic autodiff (pfor over components), for comparison;
 * engine, all atoms: all 3N components (what `alkpu kpu` computes);
 * one energy + force evaluation of the model, for scale;
-and checks that engine and paper agree (max relative difference).
+and checks that engine and paper agree (max relative difference). Each timed
+phase starts after a short pause (:func:`settle`).
 
     .venv/bin/python benchmarks/bench_kpu_speed.py [--frames 2] [--out benchmarks/out/kpu_speed]
 """
@@ -77,6 +79,18 @@ def prepare(out: Path, blocksize: int) -> Path:
     return graph
 
 
+def settle(seconds: float = 0.5) -> None:
+    """Pause before a timed phase.
+
+    numpy and scipy each ship their own OpenBLAS, and TensorFlow has its own thread
+    pool; after a call, idle worker threads keep spinning for a while and, on few
+    cores, slow whatever runs next (measured here: the engine's rows 0.47 s right
+    after a loop of scipy symv calls, 0.30-0.36 s otherwise). Each phase starts
+    after that has passed.
+    """
+    time.sleep(seconds)
+
+
 def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
     import dpdata
 
@@ -107,17 +121,20 @@ def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
     for index, frame in enumerate(frames):
         atoms = kpu_math.paper_atoms(natoms, seed, index)
         comps = (3 * atoms[:, None] + np.arange(3)).ravel()
-        # the paper's algorithm: one backward pass and one quadratic form (BLAS symv per
-        # block, reading each block once) per component
-        paper = []
-        for c in comps:
-            tic = time.perf_counter()
-            g = engine.jacobian.force_row_bruteforce(frame, int(c))
-            toc = time.perf_counter()
-            paper.append(float(kf.quadratic(g)))
-            t["paper_grad"] += toc - tic
-            t["paper_quad"] += time.perf_counter() - toc
+        # the paper's algorithm: one backward pass per component, then one quadratic form
+        # (BLAS symv per block, reading each block once) per component; each phase timed
+        # in its own loop (its best case: no other library's BLAS threads in between)
+        settle()
+        tic = time.perf_counter()
+        grads = [engine.jacobian.force_row_bruteforce(frame, int(c)) for c in comps]
+        t["paper_grad"] += time.perf_counter() - tic
+        settle()
+        tic = time.perf_counter()
+        paper = np.array([float(kf.quadratic(g)) for g in grads])
+        t["paper_quad"] += time.perf_counter() - tic
+        del grads
         # the engine on the same components
+        settle()
         tic = time.perf_counter()
         rows = engine.jacobian.force_rows(frame, comps)
         toc = time.perf_counter()
@@ -127,6 +144,7 @@ def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
         worst = max(worst, float(np.max(np.abs(same - paper) / np.abs(paper))))
         # the same rows by generic autodiff (pfor over components), for comparison
         engine.jacobian.use_structured = False
+        settle()
         tic = time.perf_counter()
         generic = engine.jacobian.force_rows(frame, comps)
         t["generic_grad"] += time.perf_counter() - tic
@@ -134,6 +152,7 @@ def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
         worst_rows = max(worst_rows, float(np.max(np.abs(generic - rows).max(axis=1)
                                                   / np.abs(generic).max(axis=1))))
         # the engine on all 3N components
+        settle()
         tic = time.perf_counter()
         rows = engine.jacobian.force_rows(frame)
         toc = time.perf_counter()

@@ -191,10 +191,10 @@ class KalmanFilter:
         """``g^T P g`` for every row g of G (shape (m, n) or (n,)).
 
         Each block of P is read once for all m rows (one BLAS ``symm``; on a
-        factorised block ``trmm``, or one GEMM per strip of ``_STRIP`` rows of U
-        for larger blocks), which is what makes many KPU
-        components per model evaluation cheap; a single row uses ``symv``
-        (``trmv``).
+        factorised block ``trmm``, or for larger blocks GEMMs by strips of
+        ``_STRIP`` rows of U, their diagonal blocks by sub-strips of ``_SUB``),
+        which is what makes many KPU components per model evaluation cheap; a
+        single row uses ``symv`` (``trmv``).
         """
         G = np.asarray(G, dtype=np.float64)
         single = G.ndim == 1
