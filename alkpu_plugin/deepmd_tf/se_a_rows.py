@@ -31,8 +31,9 @@ and its weight gradient splits into three exact parts:
 
 This file mirrors DeePMD-kit's se_e2_a embedding net and 'ener' fitting net
 for single-element float64 models (:func:`unsupported_reason` says what else
-falls back to the generic path), and :meth:`SeARows.check` compares its forces
-with the frozen graph's before its rows are used.
+falls back to the generic path); before its rows are used,
+:class:`~.jacobian.ModelJacobian` compares the forces ``SeARows.forces`` gives
+with the frozen graph's.
 """
 
 from __future__ import annotations
@@ -196,10 +197,10 @@ def _fit_rows(D, dD, dz0, layers, final, c_out):
         g1 = tf.reshape(tf.matmul(tf.reshape(dx, [n, -1]), dzbar, transpose_a=True), [C, n_in, n_out])
         g2 = tf.matmul(x[None], tf.transpose(zbar, [1, 0, 2]), transpose_a=True)
         grads[i] = (g1 + g2, tf.reduce_sum(zbar, axis=0), g_idt)
-        if i == 0:
-            return grads, g_final, zbar, tf.matmul(dzbar, W, transpose_b=True)
-        x_prev_bar = gemm(zbar, tf.transpose(W))
         dx_prev_bar = tf.matmul(dzbar, W, transpose_b=True)
+        if i == 0:  # dL_c/dD itself is not needed: the caller goes through zbar_0
+            return grads, g_final, zbar, dx_prev_bar
+        x_prev_bar = gemm(zbar, tf.transpose(W))
         if res:
             x_prev_bar += abar if abar is not None else 0.0
             dx_prev_bar += dabar
