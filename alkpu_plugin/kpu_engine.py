@@ -213,11 +213,11 @@ class KPUEngine:
 
     def frame_kpu(self, frame, index: int) -> tuple[float, np.ndarray, float]:
         """(paper force KPU, per-component KPU (3N,), energy KPU) of one frame."""
-        rows = self.jacobian.force_rows(frame)
-        comp = kpu_math.component_kpu(self.kf, rows)
+        # dE/dw first, then every force component: P is read once for all of them
+        kpu = kpu_math.component_kpu(self.kf, self.jacobian.force_rows(frame, energy=True))
+        comp = kpu[1:]
         atoms = kpu_math.paper_atoms(frame.atype.size, self.seed, index)
-        energy = float(self.kf.quadratic(self.jacobian.energy_row(frame)))
-        return kpu_math.paper_force_kpu(comp, atoms), comp, energy
+        return kpu_math.paper_force_kpu(comp, atoms), comp, float(kpu[0])
 
     def compute(self, system, frames: Iterable[int] | None = None, steps: Sequence[int] | None = None,
                 progress: bool | None = None) -> KPUResult:

@@ -82,6 +82,19 @@ def test_structured_rows_equal_generic_autodiff(engine, cu_data):
     assert engine.jacobian.structured_reason is None  # passed its self-check
     assert _row_rel(rows, _generic_rows(engine.jacobian, frames[0])) < 1e-10
     assert engine.compute(system, frames=[5]).meta["force_rows"] == "se_e2_a structure"
+    # with energy=True, dE/dw comes first and the force rows are unchanged, on both paths
+    g_e = engine.jacobian.energy_row(frames[0])
+    both = engine.jacobian.force_rows(frames[0], energy=True)
+    assert both.shape == (rows.shape[0] + 1, rows.shape[1])
+    np.testing.assert_array_equal(both[0], g_e)
+    np.testing.assert_array_equal(both[1:], rows)
+    engine.jacobian.use_structured = False
+    try:
+        generic = engine.jacobian.force_rows(frames[0], np.arange(4), energy=True)
+    finally:
+        engine.jacobian.use_structured = True
+    np.testing.assert_array_equal(generic[0], g_e)
+    assert _row_rel(generic[1:], rows[:4]) < 1e-10
 
 
 def test_structured_rows_in_a_cell_smaller_than_the_cutoff(engine):
@@ -116,10 +129,11 @@ def test_structured_rows_fall_back_when_their_self_check_fails(trained_model, cu
     system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")
     frame = Frame(system["coords"][0], system["cells"][0], np.zeros(32, dtype=np.int32))
     with pytest.warns(RuntimeWarning, match="differ from the frozen graph"):
-        rows = jac.force_rows(frame, np.arange(6))
+        rows = jac.force_rows(frame, np.arange(6), energy=True)
     assert jac.structured_reason == "its forces differ from the frozen graph's"
+    np.testing.assert_array_equal(rows[0], jac.energy_row(frame))
     for c in (0, 5):
-        np.testing.assert_allclose(rows[c], jac.force_row_bruteforce(frame, c), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(rows[1 + c], jac.force_row_bruteforce(frame, c), rtol=1e-10, atol=1e-14)
     jac.close()
 
 

@@ -174,33 +174,47 @@ class ModelJacobian:
         feed, _ = self._feed(frame)
         return self.sess.run(self._energy_row, feed_dict=feed)
 
-    def force_rows(self, frame: Frame, components: np.ndarray | None = None) -> np.ndarray:
-        """dF_c/dw for the flat force components c (default: all 3N), shape (m, n)."""
+    def force_rows(self, frame: Frame, components: np.ndarray | None = None,
+                   energy: bool = False) -> np.ndarray:
+        """dF_c/dw for the flat force components c (default: all 3N), shape (m, n).
+
+        With ``energy`` the result has one more row, first: dE/dw (shape (1 + m, n)),
+        so that one quadratic-form call reads P once for the energy and the forces.
+        """
         feed, order = self._feed(frame)
         if components is None:
             components = np.arange(3 * order.size)
         comps = self._sorted_components(order, components)
-        out = np.empty((comps.size, self.layout.n))
+        out = np.empty((comps.size + int(energy), self.layout.n))
         if self._se_a is not None and self.use_structured:
-            done = self._structured_rows(feed, comps, out)
+            done = self._structured_rows(dict(feed), comps, out, energy)
             if done is not None:
                 return done
+        if energy:
+            out[0] = self.sess.run(self._energy_row, feed_dict=feed)
         if self._rows is None:
             with self.graph.as_default():
                 self._rows = self._make_rows()
+        force = out[int(energy):]
         for start in range(0, comps.size, self.rows_per_pass):
             chunk = comps[start : start + self.rows_per_pass]
             feed[self._components] = chunk
-            out[start : start + chunk.size] = self.sess.run(self._rows, feed_dict=feed)
+            force[start : start + chunk.size] = self.sess.run(self._rows, feed_dict=feed)
         return out
 
-    def _structured_rows(self, feed, comps, out):
+    def _structured_rows(self, feed, comps, out, energy):
         se = self._se_a
         kinds = [kind for kind, _ in se.jacobian_blocks]
-        nlist, blocks, per_frame = self.sess.run(
-            [se.nlist, [k for _, k in se.jacobian_blocks], se.frame_tensors], feed_dict=feed)
-        blocks = list(zip(kinds, blocks))  # dT/dw_e, once per frame
-        feed.update(zip(se.frame_tensors, per_frame))  # environment, embedding, dE/dT: once per frame
+        # once per frame: the neighbour list, dT/dw_e, the environment, embedding and
+        # dE/dT (fed back to every chunk), and dE/dw when asked for
+        fetch = [se.nlist, [k for _, k in se.jacobian_blocks], se.frame_tensors]
+        nlist, blocks, per_frame, *e_row = self.sess.run(
+            fetch + ([self._energy_row] if energy else []), feed_dict=feed)
+        blocks = list(zip(kinds, blocks))
+        feed.update(zip(se.frame_tensors, per_frame))
+        if energy:
+            out[0] = e_row[0]
+        force = out[int(energy):]
         for start in range(0, comps.size, self.rows_per_pass):
             chunk = comps[start : start + self.rows_per_pass]
             atoms, q = np.unique(chunk // 3, return_inverse=True)
@@ -219,7 +233,7 @@ class ModelJacobian:
                 self._checked = True
             rows, V = self.sess.run([se.rows, se.V], feed_dict=feed)
             se.add_dense(rows, V, blocks, self._offsets)
-            out[start : start + chunk.size] = rows
+            force[start : start + chunk.size] = rows
         return out
 
     def force_row_bruteforce(self, frame: Frame, component: int) -> np.ndarray:
