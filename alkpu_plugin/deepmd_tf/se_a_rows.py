@@ -192,10 +192,12 @@ def _fit_rows(D, dD, dz0, layers, final, c_out):
         if hbar is not None:
             hbar_c += hbar
         zbar = hbar_c * d[:, None, :]  # per component (n, C, out)
-        # dW_c = dx_c^T dzbar + x^T zbar_c: one GEMM over the atoms, and one per component
-        # with the shared x (so that the result comes out component-major)
+        # dW_c = dx_c^T dzbar + x^T zbar_c: two plain GEMMs over the atoms (the second with
+        # all components side by side, then put component-major: a batched product with the
+        # shared x ran at a third of the speed of the plain one here)
         g1 = tf.reshape(tf.matmul(tf.reshape(dx, [n, -1]), dzbar, transpose_a=True), [C, n_in, n_out])
-        g2 = tf.matmul(x[None], tf.transpose(zbar, [1, 0, 2]), transpose_a=True)
+        g2 = tf.transpose(tf.reshape(tf.matmul(x, tf.reshape(zbar, [n, -1]), transpose_a=True),
+                                     [n_in, C, n_out]), [1, 0, 2])
         grads[i] = (g1 + g2, tf.reduce_sum(zbar, axis=0), g_idt)
         dx_prev_bar = tf.matmul(dzbar, W, transpose_b=True)
         if i == 0:  # dL_c/dD itself is not needed: the caller goes through zbar_0
