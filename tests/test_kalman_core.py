@@ -153,7 +153,7 @@ def test_blocks_equal_hand_built_block_diagonal(blocksize):
         np.testing.assert_allclose(kf.block(i), P, rtol=0, atol=1e-10)
 
 
-def test_quadratic_form_equals_dense(monkeypatch):
+def test_quadratic_form_equals_dense():
     rng = np.random.default_rng(3)
     weights = init_weights(rng)
     xs, ys = data(30, rng)
@@ -168,15 +168,12 @@ def test_quadratic_form_equals_dense(monkeypatch):
     assert kf.factorize() == len(layout.blocks)
     np.testing.assert_allclose(kf.quadratic(G), expected, rtol=1e-10)
     assert kf.quadratic(G[3]) == pytest.approx(expected[3], rel=1e-10)
-    # large factorised blocks go by strips of rows, their diagonal blocks by sub-strips
-    # (GEMMs): force that path on these small ones, with strips that do not divide them
-    import alkpu_plugin.kalman.ekffm as ekffm
-
-    assert max(b - a for a, b in layout.blocks) > 5
-    for strip, sub in [(3, 256), (5, 2), (4, 1)]:
-        monkeypatch.setattr(ekffm, "_STRIP", strip)
-        monkeypatch.setattr(ekffm, "_SUB", sub)
-        np.testing.assert_allclose(kf.quadratic(G), expected, rtol=1e-10)
+    # only the blocks that pay for themselves within expected_rows (b <= 3 * rows):
+    # factorised and symmetric blocks mixed in one call
+    mixed, _ = run_core(layout, weights, xs, ys, FilterOptions())
+    sizes = [b - a for a, b in layout.blocks]
+    assert 0 < mixed.factorize(expected_rows=2) == sum(s <= 6 for s in sizes) < len(sizes)
+    np.testing.assert_allclose(mixed.quadratic(G), expected, rtol=1e-10)
     np.testing.assert_allclose(kf.dense(), P, rtol=1e-10, atol=1e-14)
     with pytest.raises(RuntimeError, match="factorised"):
         kf.update(G[0], 0.1)

@@ -41,12 +41,6 @@ _TRI = {  # for a factorised P: triangular matrix-vector / matrix-matrix product
     np.dtype(np.float32): (blas.strmv, blas.strmm),
 }
 
-# factorised blocks larger than _STRIP are multiplied by strips of that many rows of
-# U and the strips' diagonal blocks by sub-strips of _SUB rows (GEMMs); smaller
-# blocks by one trmm
-_STRIP = 1024
-_SUB = 256
-
 # fold ``scale`` into the blocks when it leaves this range (rare: with the
 # default lambda_1, nu the product of 1/lambda_k converges to about 5e6)
 _SCALE_LIMIT = 1e12
@@ -191,8 +185,7 @@ class KalmanFilter:
         """``g^T P g`` for every row g of G (shape (m, n) or (n,)).
 
         Each block of P is read once for all m rows (one BLAS ``symm``; on a
-        factorised block ``trmm``, or for larger blocks GEMMs by strips of
-        ``_STRIP`` rows of U, their diagonal blocks by sub-strips of ``_SUB``),
+        factorised block one ``trmm``, U times the block's rows as columns),
         which is what makes many KPU components per model evaluation cheap; a
         single row uses ``symv`` (``trmv``).
         """
@@ -213,40 +206,16 @@ class KalmanFilter:
                     out[0] += float(np.dot(h, self._symv(1.0, S, h)))
             out *= self.scale
             return out[0] if single else out
-        strip = None  # work buffers shared by every block (no large temporaries)
         for (a, b), S, fac in zip(self.layout.blocks, self.blocks, self.factored):
-            if fac and S.shape[0] > _STRIP:
-                # g U^T by strips of _STRIP rows of U (g read in place, a strided view):
-                # right of the strip's diagonal block one GEMM; the diagonal block (upper
-                # triangular) by sub-strips of _SUB rows, each a GEMM right of its own diagonal
-                g = G2[:, a:b] if self.dtype == np.float64 else G2[:, a:b].astype(self.dtype)
-                if strip is None:
-                    strip = np.empty((G2.shape[0], _STRIP), dtype=self.dtype)
-                    sub = np.empty((G2.shape[0], _SUB), dtype=self.dtype)
-                n = S.shape[0]
-                for r in range(0, n, _STRIP):
-                    e = min(r + _STRIP, n)
-                    gU = strip[:, : e - r]
-                    if e < n:
-                        np.matmul(g[:, e:], S[r:e, e:].T, out=gU)
-                    else:
-                        gU[:] = 0.0
-                    for s in range(r, e, _SUB):
-                        t = min(s + _SUB, e)
-                        part = sub[:, : t - s]
-                        np.matmul(g[:, s:e], S[s:t, s:e].T, out=part)
-                        gU[:, s - r : t - r] += part
-                    out += np.einsum("ij,ij->i", gU, gU, dtype=np.float64)
-                continue
-            g = np.asfortranarray(G2[:, a:b], dtype=self.dtype)
+            # the block's rows as columns, (b - a, m) in Fortran order: one copy that
+            # the BLAS call overwrites
+            gT = np.array(G2[:, a:b].T, dtype=self.dtype, order="F")
             if fac:
-                # (U g^T)^T = g U^T, in place of g: side=1 means B*op(A)
-                gU = trmm(1.0, S, g, side=1, lower=0, trans_a=1, overwrite_b=1)
-                out += np.einsum("ij,ij->i", gU, gU, dtype=np.float64)
+                Ug = trmm(1.0, S, gT, side=0, lower=0, trans_a=0, overwrite_b=1)  # U g^T
+                out += np.einsum("ij,ij->j", Ug, Ug, dtype=np.float64)
             else:
-                # (g S) computed from S's upper triangle: side=1 means B*A
-                gS = self._symm(1.0, S, g, side=1)
-                out += np.einsum("ij,ij->i", gS, g, dtype=np.float64)
+                Sg = self._symm(1.0, S, gT, side=0)  # S g^T from S's upper triangle
+                out += np.einsum("ij,ij->j", Sg, gT, dtype=np.float64)
         out *= self.scale
         return out[0] if single else out
 
