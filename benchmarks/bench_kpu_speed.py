@@ -18,6 +18,9 @@ Per frame it measures
 * engine, whole frame: the energy and all 3N force components (what `alkpu kpu`
   computes per frame; one quadratic-form call for all of them);
 * one energy + force evaluation of the model, for scale;
+* frame_kpu over 10 frames back to back, as ``alkpu kpu`` runs them, in fresh
+  processes with OpenBLAS's default thread spin and with the short one that
+  ``alkpu kpu`` sets (``OPENBLAS_THREAD_TIMEOUT=4``);
 and checks that engine and paper agree (max relative difference). Each timed
 phase starts after a short pause (:func:`settle`).
 
@@ -187,6 +190,37 @@ def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
     return out
 
 
+def frame_loop(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
+    """Seconds per frame of ``KPUEngine.frame_kpu`` over frames back to back, as
+    ``alkpu kpu`` runs them (no pauses; P factorised for that many frames' rows)."""
+    import dpdata
+
+    from alkpu_plugin.kpu_engine import KPUEngine
+
+    engine = KPUEngine(graph, seed=seed)
+    _, frames = engine._frames(dpdata.System(str(test), fmt="deepmd/npy"), range(nframes))
+    engine.kf.factorize(expected_rows=nframes * (3 * frames[0].atype.size + 1))
+    engine.frame_kpu(frames[0], 0)  # warm-up
+    tic = time.perf_counter()
+    for index, frame in enumerate(frames):
+        engine.frame_kpu(frame, index)
+    return {"frames": nframes, "seconds_per_frame": (time.perf_counter() - tic) / nframes,
+            "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}
+
+
+def _in_process(function: str, graph: Path, test: Path, nframes: int, env: dict) -> dict:
+    """Run one of this file's measurements in a fresh process (peak memory per run; and
+    OpenBLAS reads its settings when it is loaded)."""
+    code = ("import json,sys; sys.path.insert(0, %r); from bench_kpu_speed import %s; "
+            "print(json.dumps(%s(%r, %r, %d)))" % (str(Path(__file__).parent), function, function,
+                                                   str(graph), str(test), nframes))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=2)
@@ -198,19 +232,24 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": {}}
     for bs in args.blocksizes:
         graph = prepare(out, bs)
-        # each measurement in its own process so peak memory is per blocksize
-        code = ("import json,sys; sys.path.insert(0, %r); from bench_kpu_speed import measure; "
-                "print(json.dumps(measure(%r, %r, %d)))" % (str(Path(__file__).parent), str(graph),
-                                                              str(out / "data" / "test"), args.frames))
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-        if proc.returncode != 0:
-            sys.exit(proc.stderr[-3000:])
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        test = out / "data" / "test"
+        # OpenBLAS threads as `alkpu kpu` sets them (OPENBLAS_THREAD_TIMEOUT=4: idle
+        # threads sleep at once); the paper's algorithm runs under the same setting
+        plain = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+        res = _in_process("measure", graph, test, args.frames, {**plain, "OPENBLAS_THREAD_TIMEOUT": "4"})
+        # frame_kpu back to back (10 frames): with OpenBLAS's default spin time, and with
+        # the short one
+        res["frame_loop"] = {
+            "openblas_default": _in_process("frame_loop", graph, test, 10, plain),
+            "as_alkpu_kpu": _in_process("frame_loop", graph, test, 10,
+                                        {**plain, "OPENBLAS_THREAD_TIMEOUT": "4"}),
+        }
         results["runs"][f"blocksize_{bs}"] = res
         print(f"blocksize {bs}: paper {res['paper_total']:.2f} s/frame, engine (same numbers) "
               f"{res['engine_same_total']:.2f} s ({res['speedup_same_numbers']:.1f}x), whole frame "
-              f"{res['engine_all_total']:.2f} s; max rel diff {res['max_relative_difference']:.1e}")
+              f"{res['engine_all_total']:.2f} s; max rel diff {res['max_relative_difference']:.1e}; "
+              f"frame loop {res['frame_loop']['openblas_default']['seconds_per_frame']:.2f} s/frame, "
+              f"{res['frame_loop']['as_alkpu_kpu']['seconds_per_frame']:.2f} as alkpu kpu")
     (out / "kpu_speed.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

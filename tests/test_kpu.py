@@ -1,6 +1,7 @@
 """KPU engine: exactness, outputs, determinism, chunking, ranking, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,8 +26,6 @@ def engine(trained_model):
 
 
 def alkpu(cwd, *args):
-    import os
-
     return subprocess.run([sys.executable, "-m", "alkpu_plugin.cli", *args], cwd=cwd,
                           env={**os.environ, **QUIET_ENV}, capture_output=True, text=True, timeout=600)
 
@@ -329,3 +328,19 @@ def test_dpdata_driver_labels_and_exports_kpu(trained_model, cu_data, tmp_path, 
     np.testing.assert_allclose(back["kpu_atom"], labelled["kpu_atom"])
     # slicing keeps the per-frame arrays aligned
     np.testing.assert_allclose(labelled[1]["kpu_atom"], labelled["kpu_atom"][1:2])
+
+
+def test_kpu_commands_set_a_short_openblas_spin_before_numpy_loads(monkeypatch):
+    # OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when it is loaded (with numpy or scipy), so
+    # the command must set it before anything imports numpy
+    code = ("import sys, os; from alkpu_plugin import cli; assert 'numpy' not in sys.modules; "
+            "cli._quiet_blas_threads(sys.argv[1:]); print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    for argv, expected in [(["kpu"], "4"), (["lmp-kpu"], "4"), (["calibrate"], "4"), (["run"], "None")]:
+        proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == [expected]
+    # a value the user has set is kept
+    proc = subprocess.run([sys.executable, "-c", code, "kpu"], env={**env, "OPENBLAS_THREAD_TIMEOUT": "20"},
+                          capture_output=True, text=True)
+    assert proc.stdout.split() == ["20"]
