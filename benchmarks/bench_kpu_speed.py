@@ -95,6 +95,20 @@ def settle(seconds: float = 0.5) -> None:
     time.sleep(seconds)
 
 
+def dgemm_rate(n: int = 3072) -> float:
+    """Best of three n x n float64 GEMMs (scipy's BLAS), GFLOP/s: the machine's arithmetic ceiling."""
+    from scipy.linalg import blas
+
+    a = np.random.default_rng(0).standard_normal((n, n)).T  # Fortran order
+    best = np.inf
+    for _ in range(3):
+        settle()
+        tic = time.perf_counter()
+        blas.dgemm(1.0, a, a)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * n ** 3 / best / 1e9
+
+
 def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
     import dpdata
 
@@ -169,6 +183,17 @@ def measure(graph: Path, test: Path, nframes: int, seed: int = 0) -> dict:
         t["eval"] += time.perf_counter() - tic
     per = {k: v / nframes for k, v in t.items()}
     paper_total = per["paper_grad"] + per["paper_quad"]
+    # what bounds the quadratic forms: the paper's symv reads one triangle of every block
+    # per component (memory-bound); the engine's trmm does b^2 flops per row and
+    # factorised block (compute-bound)
+    sizes = np.array(kf.layout.block_sizes, dtype=float)
+    ncomp = 3 * len(kpu_math.paper_atoms(natoms, seed, 0))
+    bound = {"paper_quad_GB_per_s": ncomp * float((sizes * (sizes + 1) / 2).sum()) * 8 / per["paper_quad"] / 1e9,
+             "speedup_if_rows_were_free": paper_total / per["same_quad"],
+             "dgemm_3072_GFLOP_per_s": dgemm_rate()}
+    if all(fkf.factored):
+        bound["engine_quad_GFLOP_per_s"] = ncomp * float((sizes ** 2).sum()) / per["same_quad"] / 1e9
+    out["quad_bound"] = bound
     same_total = per["same_grad"] + per["same_quad"]
     all_total = per["all_grad"] + per["all_quad"]
     out.update({
