@@ -193,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 # OpenBLAS's worker threads busy-wait for about 2^28 cycles (~0.1 s) after each call
 # before they sleep. The KPU engine alternates TensorFlow (force rows) and BLAS
 # (quadratic forms) every frame, so on a few cores the spinning threads slow the next
-# phase: a frame loop at blocksize 1024 on 2 cores took 0.74-0.76 s per frame with the
-# default and 0.56-0.61 s with 2^4 cycles. Set before numpy and scipy load their
-# OpenBLAS; a value the user has set is kept.
+# phase (docs/kpu.md, "Threads": frames back to back at blocksize 1024 on 2 cores,
+# 0.69-0.75 s per frame with the default, 0.55-0.64 s with 2^4 cycles). Set before numpy
+# and scipy load their OpenBLAS; a value the user has set is kept.
 _KPU_COMMANDS = ("kpu", "calibrate", "lmp-kpu")
 
 

@@ -12,8 +12,8 @@ Per frame it measures
   quadratic forms timed as two loops);
 * engine, same numbers: the same N/2 x 3 components through the engine
   (rows from the se_e2_a structure; P's blocks Cholesky-factorised once per
-  loaded state, then g U^T per block: trmm, or GEMM by strips of rows for large
-  blocks; the one-off factorisation time is reported apart);
+  loaded state, then U g^T per block by one trmm; the one-off factorisation time
+  is reported apart);
 * the same rows by generic autodiff (pfor over components), for comparison;
 * engine, whole frame: the energy and all 3N force components (what `alkpu kpu`
   computes per frame; one quadratic-form call for all of them);

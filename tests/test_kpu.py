@@ -330,7 +330,7 @@ def test_dpdata_driver_labels_and_exports_kpu(trained_model, cu_data, tmp_path, 
     np.testing.assert_allclose(labelled[1]["kpu_atom"], labelled["kpu_atom"][1:2])
 
 
-def test_kpu_commands_set_a_short_openblas_spin_before_numpy_loads(monkeypatch):
+def test_kpu_commands_set_a_short_openblas_spin_before_numpy_loads():
     # OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when it is loaded (with numpy or scipy), so
     # the command must set it before anything imports numpy
     code = ("import sys, os; from alkpu_plugin import cli; assert 'numpy' not in sys.modules; "
