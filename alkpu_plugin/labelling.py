@@ -39,7 +39,11 @@ def make_calculator(spec: str = "emt", kwargs: dict | None = None):
 
 
 def label_atoms(frames, calculator):
-    """A dpdata LabeledSystem of ASE Atoms labelled by ``calculator`` (energy, forces)."""
+    """A dpdata LabeledSystem of ASE Atoms labelled by ``calculator``.
+
+    Energy and forces always; the virial too for a periodic cell when the
+    calculator gives a stress (EMT does).
+    """
     import dpdata
     from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -50,7 +54,15 @@ def label_atoms(frames, calculator):
         energy, forces = atoms.get_potential_energy(), atoms.get_forces()
         if not (np.isfinite(energy) and np.all(np.isfinite(forces))):
             raise FloatingPointError("the calculator returned a non-finite energy or force")
-        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        results = {"energy": energy, "forces": forces}
+        if atoms.pbc.all():
+            try:
+                stress = atoms.get_stress(voigt=True)
+            except Exception:  # calculators without stress: energy and forces only
+                stress = None
+            if stress is not None and np.all(np.isfinite(stress)):
+                results["stress"] = stress
+        atoms.calc = SinglePointCalculator(atoms, **results)
         one = dpdata.LabeledSystem(atoms, fmt="ase/structure")
         labelled = one if labelled is None else labelled + one
     if labelled is None:

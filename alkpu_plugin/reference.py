@@ -32,11 +32,18 @@ def md_frames(
     timestep_fs: float = 2.0,
     seed: int = 0,
     calculator=None,
+    substitute: dict[str, float] | None = None,
+    type_map: list[str] | None = None,
 ):
     """Langevin MD at ``temperature`` K, labelled by ``calculator`` (EMT).
 
+    ``substitute`` replaces a fraction of the atoms, drawn with ``seed``, by other
+    elements (``{"Ni": 0.5}``: a random Cu-Ni alloy); ``type_map`` then fixes the
+    order of the element names in the result (default: ``element`` first, then the
+    substitutes in the order given).
+
     Returns a :class:`dpdata.LabeledSystem` with ``nframes`` frames taken every
-    ``interval`` steps after ``equilibrate`` steps.
+    ``interval`` steps after ``equilibrate`` steps (energies, forces and virials).
     """
     from ase import units
     from ase.calculators.emt import EMT
@@ -44,8 +51,17 @@ def md_frames(
     from ase.md.velocitydistribution import thermalize_momenta
 
     atoms = fcc_cell(element, size, a)
-    atoms.calc = calculator if calculator is not None else EMT()
     rng = np.random.default_rng(seed)
+    if substitute:
+        symbols = np.array(atoms.get_chemical_symbols(), dtype=object)
+        order = rng.permutation(len(atoms))
+        start = 0
+        for other, fraction in substitute.items():
+            count = int(round(float(fraction) * len(atoms)))
+            symbols[order[start : start + count]] = other
+            start += count
+        atoms.set_chemical_symbols(symbols.tolist())
+    atoms.calc = calculator if calculator is not None else EMT()
     # random displacement so that frames differ between seeds from step 0
     atoms.positions += rng.normal(scale=0.02, size=atoms.positions.shape)
     thermalize_momenta(atoms, temperature_K=temperature, rng=rng)
@@ -58,4 +74,7 @@ def md_frames(
     for _ in range(nframes):
         dyn.run(interval)
         frames.append(atoms.copy())
-    return label_atoms(frames, atoms.calc)
+    labelled = label_atoms(frames, atoms.calc)
+    names = list(type_map) if type_map else [element] + [e for e in (substitute or {}) if e != element]
+    labelled.sort_atom_names(type_map=names)
+    return labelled

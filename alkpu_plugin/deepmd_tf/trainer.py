@@ -54,6 +54,23 @@ def _sign(x):
     return 1.0 - 2.0 * tf.cast(x < 0, x.dtype)
 
 
+def _used_variables(variables, energy):
+    """The trainable variables the energy depends on, in model order.
+
+    DeePMD-kit creates some variables it never uses (with ``resnet_dt`` the
+    ``idt`` of an embedding layer whose width neither stays nor doubles);
+    ``dp freeze`` drops them. They carry no information for the filter, so the
+    Kalman layout leaves them out and always names exactly the weights of the
+    frozen model.
+    """
+    grads = tf.gradients(tf.reduce_sum(energy), variables)
+    unused = [v.op.name for v, g in zip(variables, grads) if g is None]
+    if unused:
+        log.info("RLEKF: %d variable(s) the energy does not depend on stay out of the Kalman "
+                 "filter: %s", len(unused), ", ".join(unused))
+    return [v for v, g in zip(variables, grads) if g is not None]
+
+
 class RLEKFInputError(RuntimeError):
     """The training input or the files it names cannot be used with RLEKF."""
 
@@ -136,7 +153,7 @@ class RLEKFTrainer(DPTrainer):
         if "energy" not in pred or "force" not in pred:
             raise RLEKFInputError("RLEKF trains energy models (energy and force predictions) only")
         f64 = tf.float64
-        variables = tf.trainable_variables()
+        variables = _used_variables(tf.trainable_variables(), pred["energy"])
         self.kf_vars = variables
         self.kf_layout = BlockLayout.build(
             [(v.op.name, v.shape.as_list()) for v in variables], self.rlekf.blocksize
