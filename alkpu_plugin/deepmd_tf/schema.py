@@ -34,7 +34,7 @@ DOC = (
 class RLEKFSettings:
     """The optimizer's keys; defaults follow ALGORITHMS.md ([code] values)."""
 
-    blocksize: int = 5120
+    blocksize: int | str = 5120
     kalman_lambda: float = 0.98
     kalman_nue: float = 0.9987
     p0: float = 1.0
@@ -46,6 +46,7 @@ class RLEKFSettings:
     p_dtype: str = "float64"
     reset_state: bool = False
     init_state: str | None = None
+    p_memory_limit: float | None = None
 
     @classmethod
     def from_optimizer(cls, optimizer: dict[str, Any]) -> "RLEKFSettings":
@@ -60,15 +61,23 @@ def _positive(x: Any) -> bool:
     return x > 0
 
 
+def _blocksize_ok(x: Any) -> bool:
+    return x == "auto" or (isinstance(x, int) and not isinstance(x, bool) and x > 0)
+
+
 def rlekf_arguments() -> list[Argument]:
     d = RLEKFSettings()
     return [
         Argument(
-            "blocksize", int, optional=True, default=d.blocksize,
-            extra_check=_positive, extra_check_errmsg="blocksize must be a positive integer",
+            "blocksize", [int, str], optional=True, default=d.blocksize,
+            extra_check=_blocksize_ok,
+            extra_check_errmsg='blocksize must be a positive integer or "auto"',
             doc="N_b: weights are packed tensor by tensor and cut into blocks of at most "
             "this many; each block has its own dense covariance (memory: sum of squared "
-            "block sizes times 8 bytes). 10240 in the paper's code, 5120 in DeePMD-kit's LKF.",
+            "block sizes times 8 bytes, 4 with p_dtype float32). 10240 in the paper's code, "
+            '5120 in DeePMD-kit\'s LKF. "auto": the largest of 10240, 8192, 5120, 4096, 2048, '
+            "1024, 512, 256, 128 whose P fits p_memory_limit (when continuing a saved Kalman "
+            "state: that state's blocksize).",
         ),
         Argument(
             "kalman_lambda", float, optional=True, default=d.kalman_lambda,
@@ -127,6 +136,14 @@ def rlekf_arguments() -> list[Argument]:
             doc="With --init-model: the Kalman state to continue (default: the one saved beside "
             "the checkpoint). Lets a job that receives files by name only (dpdispatcher, DP-GEN) "
             "bring the previous state along.",
+        ),
+        Argument(
+            "p_memory_limit", [float, int, None], optional=True, default=d.p_memory_limit,
+            extra_check=lambda x: x is None or x > 0,
+            extra_check_errmsg="p_memory_limit must be a positive number of GB (or null)",
+            doc="Most memory P may take, in GB (1e9 bytes). Default (null): half of the "
+            "physical memory of the machine that trains. Training stops with an error naming "
+            "the blocksizes and p_dtype that fit, before P is allocated, when P would exceed it.",
         ),
     ]
 

@@ -37,7 +37,7 @@ from deepmd.tf.train.trainer import DPTrainer
 from deepmd.tf.utils.sess import run_sess
 
 from ..kalman import BlockLayout, FilterOptions, KalmanFilter, load_state, save_state
-from ..kalman import rlekf
+from ..kalman import KalmanStateError, budget, read_meta, rlekf
 from .schema import RLEKFSettings
 from .statefiles import STATE_SUFFIX, state_path_for_checkpoint, weights_digest
 
@@ -125,6 +125,13 @@ class RLEKFTrainer(DPTrainer):
             self.rlekf = RLEKFSettings.from_optimizer(
                 {**self.rlekf.to_dict(), "seed": jdata["training"].get("seed")}
             )
+        # blocksize "auto" is resolved in _build_training from the model's
+        # weights; until then the layout uses the default blocksize
+        self.kf_auto_blocksize = self.rlekf.blocksize == "auto"
+        if self.kf_auto_blocksize:
+            self.rlekf = RLEKFSettings.from_optimizer(
+                {**self.rlekf.to_dict(), "blocksize": budget.DEFAULT_BLOCKSIZE}
+            )
         # DeePMD-kit's parser knows Adam only; it reads the Adam keys and we
         # then take over the optimizer
         super()._init_param({**jdata, "optimizer": dict(_ADAM_PLACEHOLDER)})
@@ -158,6 +165,42 @@ class RLEKFTrainer(DPTrainer):
         self.kf_layout = BlockLayout.build(
             [(v.op.name, v.shape.as_list()) for v in variables], self.rlekf.blocksize
         )
+
+        # P's memory budget, before any P exists: "auto" picks the blocksize
+        # (that of the Kalman state being continued, if any), then P, in the
+        # continued state's p_dtype if any, must fit p_memory_limit
+        tensors = list(zip(self.kf_layout.names, self.kf_layout.shapes))
+        blocksize = "auto" if self.kf_auto_blocksize else self.rlekf.blocksize
+        p_dtype = self.rlekf.p_dtype
+        prefix = {"restart": self.run_opt.restart, "init_from_model": self.run_opt.init_model}.get(
+            self.run_opt.init_mode
+        )
+        if prefix is not None and not self.rlekf.reset_state:
+            state = (
+                Path(self.rlekf.init_state)
+                if self.run_opt.init_mode == "init_from_model" and self.rlekf.init_state
+                else state_path_for_checkpoint(prefix)
+            )
+            try:
+                meta = read_meta(state)
+            except KalmanStateError:
+                meta = None  # _open_filter names the problem
+            if meta is not None:
+                p_dtype = meta["options"].get("p_dtype", p_dtype)
+                if blocksize == "auto":
+                    blocksize = int(meta["layout"]["blocksize"])
+                    log.info('blocksize "auto": %d, that of the Kalman state %s', blocksize, state)
+        try:
+            plan = budget.plan_p(
+                tensors, blocksize, p_dtype, self.rlekf.p_memory_limit, self.rlekf.force_updates,
+                model="this model",
+            )
+        except budget.PMemoryError as exc:
+            raise RLEKFInputError(str(exc)) from None
+        if plan.blocksize != self.rlekf.blocksize:
+            self.rlekf = RLEKFSettings.from_optimizer({**self.rlekf.to_dict(), "blocksize": plan.blocksize})
+            self.kf_layout = BlockLayout.build(tensors, plan.blocksize)
+        log.info("RLEKF %s", plan.describe())
 
         def flat_grad(z):
             grads = tf.gradients(z, variables)

@@ -23,6 +23,7 @@ All checks run before any directory is made or job is submitted.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ CHECK_INTERVAL = "check_interval"
 SEED = "seed"
 MODES = ("committee", "kpu")
 TRUST_MODES = ("calibrated", "relative")
+
+log = logging.getLogger("dpgen")
 
 
 class ParamError(ValueError):
@@ -192,3 +195,36 @@ def _check_kpu(dpgen: dict, kpu: dict) -> None:
                 raise ParamError(
                     f"model_devi_f_trust_lo ({lo}) is above model_devi_f_trust_hi ({hi})"
                 )
+    _check_p_memory(dpgen, kpu)
+
+
+def _check_p_memory(dpgen: dict, kpu: dict) -> None:
+    """P of the RLEKF model must fit kpu/optimizer/p_memory_limit (what `dp train` checks too).
+
+    The weights are counted from default_training_param's model
+    (:mod:`.model_size`); for models that are not counted there the check is
+    left to `dp train`, with a note in the log.
+    """
+    from ..deepmd_tf.schema import RLEKFSettings
+    from ..kalman.budget import PMemoryError, plan_p
+    from .driver import kpu_jdata
+    from .model_size import UnsupportedModel, model_tensors
+
+    if not isinstance(dpgen.get("default_training_param"), dict):
+        return  # DP-GEN's own schema names it
+    training = kpu_jdata(dpgen, kpu)["default_training_param"]
+    settings = RLEKFSettings.from_optimizer(training["optimizer"])
+    try:
+        tensors = model_tensors(training.get("model") or {}, dpgen.get("type_map"))
+    except UnsupportedModel as exc:
+        log.info("kpu: P's memory is checked by dp train, not before the run (weights of %s not counted)", exc)
+        return
+    try:
+        plan = plan_p(
+            tensors, settings.blocksize, settings.p_dtype, settings.p_memory_limit,
+            settings.force_updates, key_prefix="kpu/optimizer/",
+            model="default_training_param's model",
+        )
+    except PMemoryError as exc:
+        raise ParamError(str(exc)) from None
+    log.info("kpu: RLEKF %s", plan.describe())
