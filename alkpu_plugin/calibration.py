@@ -6,8 +6,11 @@ scale is fitted on labelled frames, per atom::
 
     |F_i - F_i^model|^2  ~  a * KPU_i + b          (a > 0, b >= 0: noise floor)
 
-(least squares; b is dropped when the fit makes it negative).  The fit is stored
-beside the Kalman state as ``<state>.calibration.json`` together with the digest
+(least squares; b is dropped when the fit makes it negative).  Where the
+labelled frames carry virials, the virial is fitted the same way, per component
+(``|dW_ab|^2 ~ a_v * kpu_ab + b_v``, stored under ``"virial"``); without
+virial labels the virial uncertainty uses the force scale ``a`` (the scale of P
+is the same for every output).  The fit is stored beside the Kalman state as ``<state>.calibration.json`` together with the digest
 of the weights it was made for, and used only with those weights.
 """
 
@@ -22,7 +25,8 @@ import numpy as np
 from .atomic import atomic_write
 from .kalman import read_meta
 
-__all__ = ["fit", "calibration_path", "load_calibration", "save_calibration", "deciles", "calibrate"]
+__all__ = ["fit", "fit_virial", "calibration_path", "load_calibration", "save_calibration", "deciles",
+           "calibrate", "force_errors", "virial_errors"]
 
 
 def fit(atom_kpu: np.ndarray, sq_error: np.ndarray) -> dict:
@@ -37,6 +41,15 @@ def fit(atom_kpu: np.ndarray, sq_error: np.ndarray) -> dict:
         a, b = float(x @ y / (x @ x)), 0.0
     return {"a": float(a), "b": float(b), "n_atoms": int(x.size),
             "model": "|dF_i|^2 = a * KPU_i + b", "unit": "eV^2/A^2"}
+
+
+def fit_virial(virial_kpu: np.ndarray, sq_error: np.ndarray) -> dict:
+    """Fit |dW_ab|^2 ~ a_v * kpu_ab + b_v over virial components (eV^2)."""
+    out = fit(virial_kpu, sq_error)
+    out.pop("n_atoms")
+    out.update(n_components=int(np.asarray(virial_kpu).size), model="|dW_ab|^2 = a * kpu_ab + b",
+               unit="eV^2")
+    return out
 
 
 def deciles(atom_kpu: np.ndarray, sq_error: np.ndarray, calibration: dict) -> list[dict]:
@@ -85,16 +98,39 @@ def load_calibration(state_path: str | os.PathLike) -> dict | None:
     return data
 
 
-def calibrate(engine, system, frames=None, progress=None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Per-atom KPU and squared force errors of a labelled dpdata system, and the fit.
-
-    Returns (calibration, atom_kpu (F, N), sq_error (F, N)).
-    """
-    result = engine.compute(system, frames=frames, progress=progress)
+def force_errors(engine, system, result) -> np.ndarray:
+    """Squared per-atom force errors |F_i - F_i^model|^2 (F, N) of a labelled system."""
     _, frame_list = engine._frames(system, result.frames)
     sq = []
     for i, frame in zip(result.frames, frame_list):
         _, force = engine.jacobian.predict(frame)
         sq.append(((system["forces"][i] - force) ** 2).sum(axis=1))
-    sq = np.array(sq)
-    return fit(result.atom_kpu, sq), result.atom_kpu, sq
+    return np.array(sq)
+
+
+def virial_errors(engine, system, result) -> tuple[np.ndarray, np.ndarray] | None:
+    """(virial KPU (F, 9), squared virial errors (F, 9)) of a labelled system, or None
+    when the system has no virial labels or the result no virial KPU."""
+    if result.virial_kpu is None or "virials" not in system.data:
+        return None
+    _, frame_list = engine._frames(system, result.frames)
+    sq = []
+    for i, frame in zip(result.frames, frame_list):
+        label = np.asarray(system["virials"][i], dtype=np.float64).reshape(9)
+        sq.append((label - engine.jacobian.predict_virial(frame)) ** 2)
+    return np.asarray(result.virial_kpu), np.array(sq)
+
+
+def calibrate(engine, system, frames=None, progress=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Per-atom KPU and squared force errors of a labelled dpdata system, and the fit.
+
+    The fit includes the virial (``"virial"``) when the system carries virial labels.
+    Returns (calibration, atom_kpu (F, N), sq_error (F, N)).
+    """
+    result = engine.compute(system, frames=frames, progress=progress)
+    sq = force_errors(engine, system, result)
+    cal = fit(result.atom_kpu, sq)
+    virial = virial_errors(engine, system, result)
+    if virial is not None:
+        cal["virial"] = fit_virial(*virial)
+    return cal, result.atom_kpu, sq

@@ -28,7 +28,7 @@ def _refuse_existing(paths, overwrite: bool) -> None:
 
 def cmd_kpu(args) -> int:
     from .kpu_engine import KPUEngine, KPUResult, load_configurations
-    from .model_devi import write_model_devi
+    from .model_devi import write_result
 
     out = Path(args.output) if args.output else None
     detail = Path(args.detail) if args.detail else None
@@ -39,19 +39,25 @@ def cmd_kpu(args) -> int:
     else:
         if not args.model or not args.system:
             raise SystemExit("alkpu kpu: error: --model and --system are needed (or --merge PARTS)")
-        engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass)
+        engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass,
+                           density_factor=args.density_factor)
         system, steps = load_configurations(args.system, args.fmt, engine.type_map)
         result = engine.compute(system, frames=_frames_arg(args.frames), steps=steps)
     if detail is not None:
         result.save(detail)
     if out is not None:
-        write_model_devi(out, result.steps, result.atom_sigma)
+        write_result(out, result)
     unit = "eV/A (calibrated)" if result.calibration else "sqrt(KPU), uncalibrated"
+    outside = int(result.out_of_domain.sum())
     print(
         f"KPU of {len(result.frames)} frames: force KPU mean {result.force_kpu.mean():.4g}, "
         f"max per-atom uncertainty {result.atom_sigma.max():.4g} [{unit}]"
+        + (f"; {outside} frame(s) outside the model's domain (failed)" if outside else "")
         + (f" -> {out}" if out else "") + (f", {detail}" if detail else "")
     )
+    if outside:
+        first = next(i for i, reason in enumerate(result.domain) if reason)
+        print(f"  e.g. step {int(result.steps[first])}: {result.domain[first]}")
     return 0
 
 
@@ -103,14 +109,15 @@ def cmd_lmp_kpu(args) -> int:
         return proc.returncode
     wall1, kpu_cpu0 = time.perf_counter(), cpu(resource.RUSAGE_SELF)
     from .kpu_engine import KPUEngine, load_configurations
-    from .model_devi import devi_values, write_model_devi
+    from .model_devi import devi_values, write_result
     from .runfiles import TIMING_FILE
 
-    engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass)
+    engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass,
+                       density_factor=args.density_factor)
     source = Path("traj") if Path("traj").is_dir() else Path("all.lammpstrj")
     system, steps = load_configurations(source, "lammps/dump", engine.type_map)
     result = engine.compute(system, steps=steps, progress=False)
-    write_model_devi("model_devi.out", result.steps, devi_values(result, args.relative_to, args.select_hook))
+    write_result("model_devi.out", result, devi_values(result, args.relative_to, args.select_hook))
     result.save("kpu.npz")
     timing = {"lmp_cpu_s": cpu(resource.RUSAGE_CHILDREN), "lmp_wall_s": wall1 - wall0,
               "kpu_cpu_s": cpu(resource.RUSAGE_SELF) - kpu_cpu0, "kpu_wall_s": time.perf_counter() - wall1,
@@ -148,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the paper's N/2 atom draw")
     p.add_argument("--rows-per-pass", type=int, default=96, help="force components per graph evaluation (memory vs speed)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--density-factor", type=float, default=None,
+                   help="frames whose density lies beyond the training range by more than this factor "
+                   "are outside the model's domain (default 1.3; 0 switches the density check off)")
     p.set_defaults(func=cmd_kpu)
 
     p = sub.add_parser("calibrate", help="fit per-atom KPU to squared force errors (eV/A)")
@@ -172,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-pass", type=int, default=96)
     p.add_argument("--relative-to", type=float, help="write frame KPU / this value (KPU_train) instead of sigma")
     p.add_argument("--select-hook", help='"module:function" giving the values to write (see kpu/select_hook)')
+    p.add_argument("--density-factor", type=float, default=None, help="as in `alkpu kpu`")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="-- then LAMMPS's own arguments")
     p.set_defaults(func=cmd_lmp_kpu)
 

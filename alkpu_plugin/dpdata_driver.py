@@ -11,9 +11,10 @@ installing alkpu-plugin::
 
 Registered data types (on System and LabeledSystem, written by dpdata's
 deepmd formats under the same names): ``kpu_force`` (frames,) the paper's
-force KPU, ``kpu_energy`` (frames,), ``kpu_atom`` (frames, atoms), and
+force KPU, ``kpu_energy`` (frames,), ``kpu_atom`` (frames, atoms),
 ``kpu_sigma`` (frames, atoms) the per-atom force uncertainty (eV/A when a
-calibration exists, sqrt(KPU) otherwise).
+calibration exists, sqrt(KPU) otherwise), ``kpu_virial`` (frames, 9) the KPU of
+the nine virial components, and ``virials`` as the model predicts them.
 
 Importing this module loads neither TensorFlow nor DeePMD-kit (dpdata imports
 every plugin at start-up); the engine is built when a driver is created.
@@ -32,6 +33,7 @@ DATA_TYPES = (
     DataType("kpu_energy", np.ndarray, (Axis.NFRAMES,), required=False),
     DataType("kpu_atom", np.ndarray, (Axis.NFRAMES, Axis.NATOMS), required=False),
     DataType("kpu_sigma", np.ndarray, (Axis.NFRAMES, Axis.NATOMS), required=False),
+    DataType("kpu_virial", np.ndarray, (Axis.NFRAMES, 9), required=False),
 )
 # dpdata imports its plugins while dpdata.system is being imported, and then
 # adds every type registered here to System and LabeledSystem
@@ -72,4 +74,9 @@ class KPUDriver(Driver):
         data["kpu_energy"] = result.energy_kpu
         data["kpu_atom"] = result.atom_kpu
         data["kpu_sigma"] = result.atom_sigma
+        if result.virial_kpu is not None:
+            data["kpu_virial"] = result.virial_kpu
+            if not (data.get("nopbc") or False):
+                data["virials"] = np.array([self.engine.jacobian.predict_virial(f).reshape(3, 3)
+                                            for f in frames])
         return data

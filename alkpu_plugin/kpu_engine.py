@@ -9,12 +9,16 @@ dpdata reads.  Per frame the engine gives
   their 3 components);
 * ``atom_kpu``: per-atom KPU_i = sum over components, for every atom;
 * ``energy_kpu``: G_E^T P G_E;
-* with a calibration (:mod:`alkpu_plugin.calibration`), ``atom_sigma`` in eV/A.
+* ``virial_kpu``: G_W^T P G_W for the nine virial components W_ab;
+* ``domain``: why a frame lies outside the model's domain (``""`` inside:
+  :mod:`alkpu_plugin.domain`);
+* with a calibration (:mod:`alkpu_plugin.calibration`), ``atom_sigma`` in eV/A
+  and ``virial_sigma`` in eV per atom (DP-GEN's scale for the virial deviation).
 
 All force components of a frame are differentiated in vectorised passes and
-each block of P is read once per batch of rows; results do not depend on how
-frames are split between processes (atoms for the paper's value are drawn
-from (seed, frame index)).
+each block of P is read once per frame for the energy, virial and force rows;
+results do not depend on how frames are split between processes (atoms for the
+paper's value are drawn from (seed, frame index)).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from .atomic import atomic_write
 from .kalman import kpu as kpu_math
 from .kalman import load_state
 
-__all__ = ["KPUEngine", "KPUResult", "load_configurations", "InputError"]
+__all__ = ["KPUEngine", "KPUResult", "FrameKPU", "load_configurations", "InputError"]
 
 
 class InputError(ValueError):
@@ -103,6 +107,19 @@ class KPUResult:
     atom_kpu: np.ndarray  # (F, N)
     calibration: dict | None = None
     meta: dict = field(default_factory=dict)
+    virial_kpu: np.ndarray | None = None  # (F, 9), W_ab a-major
+    domain: list[str] | None = None  # per frame: why it is outside the model's domain, "" if inside
+
+    @property
+    def natoms(self) -> int:
+        return int(self.atom_kpu.shape[1])
+
+    @property
+    def out_of_domain(self) -> np.ndarray:
+        """(F,) True for frames outside the model's domain."""
+        if self.domain is None:
+            return np.zeros(len(self.frames), dtype=bool)
+        return np.array([bool(r) for r in self.domain], dtype=bool)
 
     @property
     def atom_sigma(self) -> np.ndarray:
@@ -112,31 +129,54 @@ class KPUResult:
             return np.sqrt(np.maximum(a * self.atom_kpu + b, 0.0))
         return np.sqrt(self.atom_kpu)
 
+    @property
+    def virial_sigma(self) -> np.ndarray | None:
+        """(F, 9) virial uncertainty per atom, sqrt(a_v kpu_ab + b_v) / N (eV when calibrated).
+
+        DP-GEN compares the committee's virial deviation divided by the number of
+        atoms with its virial trust levels; this is the same scale. Without a virial
+        fit (:mod:`alkpu_plugin.calibration`) the force scale ``a`` is used, and
+        without any calibration sqrt(kpu_ab) / N.
+        """
+        if self.virial_kpu is None:
+            return None
+        a, b = 1.0, 0.0
+        if self.calibration:
+            vir = self.calibration.get("virial") or {}
+            a, b = vir.get("a", self.calibration["a"]), vir.get("b", 0.0)
+        return np.sqrt(np.maximum(a * np.asarray(self.virial_kpu) + b, 0.0)) / self.natoms
+
     def save(self, path: str | os.PathLike) -> Path:
         """All arrays and metadata in one .npz (written atomically)."""
-        meta = {**self.meta, "calibration": self.calibration}
-        return atomic_write(
-            path,
-            lambda fh: np.savez(
-                fh,
-                frames=self.frames, steps=self.steps, force_kpu=self.force_kpu,
-                energy_kpu=self.energy_kpu, atom_kpu=self.atom_kpu, atom_sigma=self.atom_sigma,
-                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-            ),
-        )
+        meta = {**self.meta, "calibration": self.calibration, "domain": self.domain}
+        arrays = dict(frames=self.frames, steps=self.steps, force_kpu=self.force_kpu,
+                      energy_kpu=self.energy_kpu, atom_kpu=self.atom_kpu, atom_sigma=self.atom_sigma,
+                      out_of_domain=self.out_of_domain)
+        if self.virial_kpu is not None:
+            arrays.update(virial_kpu=self.virial_kpu, virial_sigma=self.virial_sigma)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KPUResult":
         with np.load(path) as d:
             meta = json.loads(bytes(d["meta"]).decode())
             calibration = meta.pop("calibration", None)
+            domain = meta.pop("domain", None)
+            virial = d["virial_kpu"] if "virial_kpu" in d.files else None
             return cls(d["frames"], d["steps"], d["force_kpu"], d["energy_kpu"], d["atom_kpu"],
-                       calibration, meta)
+                       calibration, meta, virial, domain)
 
     @classmethod
     def concatenate(cls, parts: Iterable["KPUResult"]) -> "KPUResult":
         parts = sorted(parts, key=lambda p: int(p.frames[0]) if len(p.frames) else 0)
         first = parts[0]
+        virial = None
+        if all(p.virial_kpu is not None for p in parts):
+            virial = np.concatenate([p.virial_kpu for p in parts])
+        domain = None
+        if any(p.domain is not None for p in parts):
+            domain = [r for p in parts for r in (p.domain or [""] * len(p.frames))]
         return cls(
             np.concatenate([p.frames for p in parts]),
             np.concatenate([p.steps for p in parts]),
@@ -145,7 +185,19 @@ class KPUResult:
             np.concatenate([p.atom_kpu for p in parts]),
             first.calibration,
             first.meta,
+            virial,
+            domain,
         )
+
+
+@dataclass(frozen=True)
+class FrameKPU:
+    """KPU of one frame: the paper's force value, every component, energy, virial."""
+
+    force: float  # the paper's frame value
+    components: np.ndarray  # (3N,) kpu of every force component, atom-major
+    energy: float
+    virial: np.ndarray | None  # (9,) or None
 
 
 # --------------------------------------------------------------------- engine
@@ -171,10 +223,12 @@ class KPUEngine:
     """
 
     def __init__(self, model, kalman_state=None, *, seed: int = 0, rows_per_pass: int = 96,
-                 calibration: dict | None = None, factorize: bool = True):
+                 calibration: dict | None = None, factorize: bool = True, virial: bool = True,
+                 density_factor: float | None = None):
         from .calibration import load_calibration
         from .deepmd_tf.frozen import find_kalman_state
         from .deepmd_tf.jacobian import ModelJacobian
+        from .domain import DEFAULT_DENSITY_FACTOR
 
         self.model = Path(model)
         self.state_path = find_kalman_state(model, kalman_state)
@@ -182,6 +236,8 @@ class KPUEngine:
         self.jacobian = ModelJacobian(model, self.kf.layout, rows_per_pass=rows_per_pass)
         self.seed = int(seed)
         self.factorize = bool(factorize)
+        self.virial = bool(virial)
+        self.density_factor = DEFAULT_DENSITY_FACTOR if density_factor is None else float(density_factor)
         self.calibration = calibration if calibration is not None else load_calibration(self.state_path)
 
     @property
@@ -211,13 +267,25 @@ class KPUEngine:
         cells = system["cells"][idx]
         return idx, [Frame(c, None if nopbc else b, atype) for c, b in zip(coords, cells)]
 
-    def frame_kpu(self, frame, index: int) -> tuple[float, np.ndarray, float]:
-        """(paper force KPU, per-component KPU (3N,), energy KPU) of one frame."""
-        # dE/dw first, then every force component: P is read once for all of them
-        kpu = kpu_math.component_kpu(self.kf, self.jacobian.force_rows(frame, energy=True))
-        comp = kpu[1:]
+    def frame_kpu(self, frame, index: int) -> FrameKPU:
+        """KPU of one frame: energy, virial (unless switched off) and every force component."""
+        # one array of rows, so P is read once for all of them
+        rows = self.jacobian.force_rows(frame, energy=True, virial=self.virial)
+        kpu = kpu_math.component_kpu(self.kf, rows)
+        head = 1 + (9 if self.virial else 0)
+        comp = kpu[head:]
         atoms = kpu_math.paper_atoms(frame.atype.size, self.seed, index)
-        return kpu_math.paper_force_kpu(comp, atoms), comp, float(kpu[0])
+        return FrameKPU(kpu_math.paper_force_kpu(comp, atoms), comp, float(kpu[0]),
+                        kpu[1:head].copy() if self.virial else None)
+
+    def domain_reasons(self, frame_list) -> list[str]:
+        """Why each frame lies outside the model's domain (:mod:`alkpu_plugin.domain`)."""
+        from .domain import frame_reasons
+
+        coords = np.stack([f.coord for f in frame_list])
+        cells = None if frame_list[0].box is None else np.stack([f.box for f in frame_list])
+        return frame_reasons(coords, cells, self.jacobian.rcut, self.extra.get("domain"),
+                             self.density_factor)
 
     def compute(self, system, frames: Iterable[int] | None = None, steps: Sequence[int] | None = None,
                 progress: bool | None = None) -> KPUResult:
@@ -226,24 +294,28 @@ class KPUEngine:
 
         idx, frame_list = self._frames(system, frames)
         all_steps = np.arange(system.get_nframes()) if steps is None else np.asarray(steps)
+        domain = self.domain_reasons(frame_list)
         if self.factorize:
             # Cholesky factors of the blocks that pay for themselves over these rows
-            self.kf.factorize(expected_rows=len(frame_list) * (3 * int(frame_list[0].atype.size) + 1))
-        force, energy, atom = [], [], []
+            per_frame = 3 * int(frame_list[0].atype.size) + 1 + (9 if self.virial else 0)
+            self.kf.factorize(expected_rows=len(frame_list) * per_frame)
+        force, energy, atom, virial = [], [], [], []
         for i, frame in zip(idx, tqdm(frame_list, desc="KPU", unit="frame",
                                       disable=None if progress is None else not progress)):
-            f, comp, e = self.frame_kpu(frame, int(i))
-            force.append(f)
-            energy.append(e)
-            atom.append(kpu_math.atom_kpu(comp))
+            one = self.frame_kpu(frame, int(i))
+            force.append(one.force)
+            energy.append(one.energy)
+            atom.append(kpu_math.atom_kpu(one.components))
+            virial.append(one.virial)
         meta = {
             "model": str(self.model),
             "kalman_state": str(self.state_path),
             "seed": self.seed,
             "natoms": int(frame_list[0].atype.size),
             "force_kpu": "mean of kpu_{i,a} over N/2 random atoms and 3 components (paper)",
-            "force_rows": ("se_e2_a structure" if self.jacobian.structured_reason is None
-                           else f"generic autodiff: {self.jacobian.structured_reason}"),
+            "force_rows": self.jacobian.path,
+            "density_factor": self.density_factor,
+            "training_domain": self.extra.get("domain"),
         }
         return KPUResult(idx, all_steps[idx], np.array(force), np.array(energy), np.array(atom),
-                         self.calibration, meta)
+                         self.calibration, meta, np.array(virial) if self.virial else None, domain)

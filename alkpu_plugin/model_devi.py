@@ -2,9 +2,16 @@
 
 Seven columns, as LAMMPS writes them for a committee: ``step max_devi_v
 min_devi_v avg_devi_v max_devi_f min_devi_f avg_devi_f``.  DP-GEN's selection
-(``make_fp``) reads columns 0, 1 and 4.  With KPU the virial columns are 0 and
-the force columns are the max/min/mean over atoms of the per-atom force
-uncertainty (eV/A when calibrated).
+(``make_fp``) reads columns 0, 1 and 4.  With KPU:
+
+* the virial columns are the max/min/mean over the nine virial components of
+  the virial uncertainty per atom (eV when calibrated), the scale of DP-GEN's
+  committee virial deviation, so ``model_devi_v_trust_lo/hi`` select;
+* the force columns are the max/min/mean over atoms of the per-atom force
+  uncertainty (eV/A when calibrated);
+* a frame outside the model's domain (:mod:`alkpu_plugin.domain`) gets
+  :data:`OUT_OF_DOMAIN` in both max columns (1 and 4), above any trust level:
+  DP-GEN counts it as failed, never as accurate.
 """
 
 from __future__ import annotations
@@ -17,28 +24,57 @@ import numpy as np
 
 from .atomic import atomic_write
 
-__all__ = ["HEADER", "write_model_devi", "read_model_devi", "devi_values"]
+__all__ = ["HEADER", "OUT_OF_DOMAIN", "write_model_devi", "write_result", "read_model_devi", "devi_values"]
 
 HEADER = "%12s" % "step" + "".join("%19s" % c for c in (
     "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"))
 
+#: written in the max columns of frames outside the model's domain
+OUT_OF_DOMAIN = 1.0e10
 
-def write_model_devi(path: str | os.PathLike, steps, atom_sigma) -> Path:
-    """Write the file atomically from per-frame, per-atom force uncertainties (F, N)."""
+
+def write_model_devi(path: str | os.PathLike, steps, atom_sigma, virial_sigma=None,
+                     out_of_domain=None) -> Path:
+    """Write the file atomically.
+
+    ``atom_sigma``: per-frame, per-atom force uncertainties (F, N) (or (F, 1) per
+    frame); ``virial_sigma``: (F, 9) per-atom virial uncertainties, or None for
+    zero virial columns; ``out_of_domain``: (F,) flags of frames to mark as failed.
+    """
     sigma = np.asarray(atom_sigma, dtype=np.float64)
     steps = np.asarray(steps, dtype=np.int64)
     if sigma.ndim != 2 or sigma.shape[0] != steps.shape[0]:
         raise ValueError("atom_sigma must be (frames, atoms) with one step per frame")
     table = np.zeros((steps.size, 7))
     table[:, 0] = steps
+    if virial_sigma is not None:
+        vs = np.asarray(virial_sigma, dtype=np.float64).reshape(steps.size, -1)
+        table[:, 1] = vs.max(axis=1)
+        table[:, 2] = vs.min(axis=1)
+        table[:, 3] = vs.mean(axis=1)
     table[:, 4] = sigma.max(axis=1)
     table[:, 5] = sigma.min(axis=1)
     table[:, 6] = sigma.mean(axis=1)
+    if out_of_domain is not None:
+        bad = np.asarray(out_of_domain, dtype=bool).reshape(-1)
+        if bad.shape[0] != steps.size:
+            raise ValueError("out_of_domain must have one flag per frame")
+        table[bad, 1] = OUT_OF_DOMAIN
+        table[bad, 4] = OUT_OF_DOMAIN
     buf = io.StringIO()
     buf.write("#" + HEADER[1:] + "\n")
     for row in table:
         buf.write("%12d" % row[0] + "".join("%19.6e" % v for v in row[1:]) + "\n")
     return atomic_write(path, lambda fh: fh.write(buf.getvalue()), binary=False)
+
+
+def write_result(path: str | os.PathLike, result, values=None) -> Path:
+    """``model_devi.out`` of a :class:`~alkpu_plugin.kpu_engine.KPUResult`.
+
+    ``values`` replaces the force columns' per-atom values (see :func:`devi_values`).
+    """
+    return write_model_devi(path, result.steps, result.atom_sigma if values is None else values,
+                            result.virial_sigma, result.out_of_domain)
 
 
 def read_model_devi(path: str | os.PathLike) -> np.ndarray:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .model_devi import OUT_OF_DOMAIN
 from .runfiles import STAGES_FILE, STEP_NAMES, TIMING_FILE, count_lines
 
 __all__ = [
@@ -239,6 +240,24 @@ def _round(run_dir: Path, ii: int, param: dict, selection: dict, record) -> dict
                 columns.append(table[:, 4])
         values = np.concatenate(columns) if columns else np.zeros(0)
     explored = int(values.size) if values is not None else None
+    # frames outside the model's domain carry a sentinel, not an uncertainty: counted apart,
+    # with the reasons the KPU engine recorded in kpu.npz
+    outside, outside_reasons = None, []
+    if values is not None:
+        inside = values < OUT_OF_DOMAIN
+        outside = int((~inside).sum())
+        values = values[inside]
+        for t in tasks:
+            if outside and (t / "kpu.npz").is_file() and len(outside_reasons) < 3:
+                try:
+                    with np.load(t / "kpu.npz") as d:
+                        reasons = json.loads(bytes(d["meta"]).decode()).get("domain") or []
+                except (OSError, ValueError, KeyError):
+                    continue
+                outside_reasons += [f"{t.name}: {r}" for r in reasons if r][: 3 - len(outside_reasons)]
+        if outside:
+            notes.append(f"iteration {ii}: {outside} explored frame(s) outside the model's domain, counted "
+                         "as failed" + (f" (e.g. {outside_reasons[0]})" if outside_reasons else ""))
 
     # DP-GEN's selection and the labelled tasks
     counts = {}
@@ -262,6 +281,7 @@ def _round(run_dir: Path, ii: int, param: dict, selection: dict, record) -> dict
         "iteration": ii, "status": status, "last_step": last_step,
         "temps": [float(t) for t in temps] if temps else None,
         "frames_explored": explored, "exploration_tasks": len(tasks),
+        "outside_domain": outside, "outside_domain_examples": outside_reasons,
         **counts, "labelled": labelled,
         "trust_lo": lo, "trust_hi": hi,
         "values": stats,
@@ -555,10 +575,11 @@ def _tables(data: dict) -> list[tuple[str, str, list[str], list[list[str]], str 
     sel = data["selection"]
     out = []
     rows = [[fmt(r["iteration"]), _temps_text(r["temps"]), fmt(r["frames_explored"]), fmt(r["reliable"]),
-             fmt(r["selected"]), fmt(r["discarded"]), fmt(r["labelled"]), r["status"]] for r in data["rounds"]]
+             fmt(r["selected"]), fmt(r["discarded"]), fmt(r.get("outside_domain")), fmt(r["labelled"]),
+             r["status"]] for r in data["rounds"]]
     out.append(("rounds", "Rounds (Table 2)",
-                ["iteration", "temperature", "explored", "reliable", "selected", "discarded", "labelled",
-                 "status"], rows, None))
+                ["iteration", "temperature", "explored", "reliable", "selected", "discarded",
+                 "outside domain", "labelled", "status"], rows, None))
     unit = f" ({sel['unit']})" if sel["unit"] else ""
     rows = [[fmt(r["iteration"]), fmt(r["frames_explored"]),
              fmt(r["values"]["min"]) if r["values"] else "–",

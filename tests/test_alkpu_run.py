@@ -46,11 +46,14 @@ def test_one_kpu_iteration_killed_and_resumed(finished_run):
     task = it0 / "01.model_devi" / "task.000.000000"
     table = np.loadtxt(task / "model_devi.out", ndmin=2)
     np.testing.assert_array_equal(table[:, 0], np.arange(0, 51, 10))
-    assert np.all(table[:, 4] > 0) and np.all(table[:, 1:4] == 0)
+    assert np.all(table[:, 4] > 0) and np.all(table[:, 1:4] > 0)
     from alkpu_plugin.kpu_engine import KPUResult
 
     detail = KPUResult.load(task / "kpu.npz")
     np.testing.assert_allclose(table[:, 4], detail.atom_sigma.max(axis=1), rtol=1e-6)
+    # virial columns: the calibrated virial uncertainty per atom (EMT labels carry virials)
+    assert "virial" in detail.calibration
+    np.testing.assert_allclose(table[:, 1], detail.virial_sigma.max(axis=1), rtol=1e-6)
     # DP-GEN's own selection on those columns, then EMT labels collected by post_fp
     candidates = (it0 / "02.fp" / "candidate.shuffled.000.out").read_text().split("\n")
     selected = int(((table[:, 4] >= 0.02) & (table[:, 4] < 50.0)).sum())

@@ -43,7 +43,8 @@ def test_batched_kpu_equals_one_component_at_a_time(engine, cu_data):
     symm = kpu_math.component_kpu(ref, rows, rows_per_pass=40)  # symm on the unfactorised blocks
     engine.kf.factorize()
     assert all(engine.kf.factored)
-    paper, comp, energy_kpu = engine.frame_kpu(frame, 3)  # trmm on the Cholesky factors
+    one = engine.frame_kpu(frame, 3)  # trmm on the Cholesky factors
+    paper, comp, energy_kpu = one.force, one.components, one.energy
     # brute force: one backward pass and one dense quadratic form per component
     for c in [0, 1, 2, 17, 40, 95]:
         g = engine.jacobian.force_row_bruteforce(frame, c)
@@ -124,12 +125,13 @@ def test_structured_rows_fall_back_when_their_self_check_fails(trained_model, cu
     jac = ModelJacobian(graph, layout)
     assert jac.structured_reason is None
     with jac.graph.as_default():  # a structure that disagrees with the graph's forces
-        jac._se_a.forces = jac._se_a.forces * 1.001
+        jac._structure.forces = jac._structure.forces * 1.001
     system = dpdata.System(str(cu_data / "valid"), fmt="deepmd/npy")
     frame = Frame(system["coords"][0], system["cells"][0], np.zeros(32, dtype=np.int32))
     with pytest.warns(RuntimeWarning, match="differ from the frozen graph"):
         rows = jac.force_rows(frame, np.arange(6), energy=True)
-    assert jac.structured_reason == "its forces differ from the frozen graph's"
+    assert jac.structured_reason == "the se_e2_a structure's forces differ from the frozen graph's"
+    assert jac.path.startswith("generic autodiff")
     np.testing.assert_array_equal(rows[0], jac.energy_row(frame))
     for c in (0, 5):
         np.testing.assert_allclose(rows[1 + c], jac.force_row_bruteforce(frame, c), rtol=1e-10, atol=1e-14)
@@ -140,7 +142,8 @@ def test_models_the_structure_does_not_cover_use_generic_autodiff(trained_model)
     from deepmd.tf.env import tf
 
     from alkpu_plugin.deepmd_tf.frozen import _graph_def, find_kalman_state, frozen_weights
-    from alkpu_plugin.deepmd_tf.se_a_rows import training_script, unsupported_reason
+    from alkpu_plugin.deepmd_tf.rows import training_script
+    from alkpu_plugin.deepmd_tf.rows.se_e2_a import unsupported_reason
     from alkpu_plugin.kalman import BlockLayout, read_meta
 
     _, graph = trained_model
@@ -194,7 +197,7 @@ def test_cli_writes_model_devi_and_detail(trained_model, cu_data, tmp_path):
     table = read_model_devi(tmp_path / "model_devi.out")
     assert table.shape == (4, 7)
     np.testing.assert_array_equal(table[:, 0], [0, 50, 100, 150])
-    np.testing.assert_array_equal(table[:, 1:4], 0.0)
+    assert np.all(table[:, 1] >= table[:, 3]) and np.all(table[:, 3] >= table[:, 2]) and np.all(table[:, 2] > 0)
     assert np.all(table[:, 4] >= table[:, 6]) and np.all(table[:, 6] >= table[:, 5]) and np.all(table[:, 5] > 0)
     header = (tmp_path / "model_devi.out").read_text().splitlines()[0].split()
     assert header == ["#", "step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"]
@@ -203,6 +206,11 @@ def test_cli_writes_model_devi_and_detail(trained_model, cu_data, tmp_path):
     detail = KPUResult.load(tmp_path / "kpu.npz")
     assert detail.atom_kpu.shape == (4, 32)
     np.testing.assert_allclose(table[:, 4], np.sqrt(detail.atom_kpu).max(axis=1), rtol=1e-6)
+    # virial columns: sqrt(kpu_ab) / N over the nine components (no calibration here)
+    assert detail.virial_kpu.shape == (4, 9)
+    np.testing.assert_allclose(table[:, 1], np.sqrt(detail.virial_kpu).max(axis=1) / 32, rtol=1e-6)
+    np.testing.assert_allclose(table[:, 3], np.sqrt(detail.virial_kpu).mean(axis=1) / 32, rtol=1e-6)
+    assert not detail.out_of_domain.any() and detail.domain == [""] * 4
     # the same frames through deepmd/npy give the same numbers (dump -> dpdata round trip)
     proc = alkpu(tmp_path, "kpu", "-m", str(graph), "-s", str(cu_data / "valid"), "-f", "deepmd/npy",
                  "--frames", "0:4", "-o", "", "--detail", "npy.npz")

@@ -97,8 +97,9 @@ def test_table2_numbers_are_the_runs(report):
     assert r0["values"] == {"min": values.min(), "median": float(np.median(values)), "max": values.max()}
     # iteration 1 trained only (one exploration job): reported as such, with its model
     assert r1["iteration"] == 1 and r1["status"] == "stopped" and r1["last_step"] == "post_train"
-    assert [r1[k] for k in ("frames_explored", "reliable", "selected", "discarded", "labelled", "histogram")] \
-        == [None] * 6
+    assert [r1[k] for k in ("frames_explored", "reliable", "selected", "discarded", "outside_domain", "labelled",
+                            "histogram")] == [None] * 7
+    assert r0["outside_domain"] == 0
     assert r1["model"] == "iter.000001/00.train/graph.000.pb"
     assert data["record"] == {"iteration": 1, "step": "post_train"}
     assert any("iteration 1: training only" in n for n in data["notes"])
@@ -106,7 +107,8 @@ def test_table2_numbers_are_the_runs(report):
     md, page = (out / "index.md").read_text(), (out / "index.html").read_text()
     assert_rows_on_pages(md, page, [
         [fmt(r["iteration"]), "/".join(fmt(t) for t in r["temps"]) + " K" if r["temps"] else "–",
-         *(fmt(r[k]) for k in ("frames_explored", "reliable", "selected", "discarded", "labelled")), r["status"]]
+         *(fmt(r[k]) for k in ("frames_explored", "reliable", "selected", "discarded", "outside_domain",
+                               "labelled")), r["status"]]
         for r in data["rounds"]])
     assert "| 0 | 300 K | 6 |" in md  # the formatting itself, once by hand
     for note in data["notes"]:

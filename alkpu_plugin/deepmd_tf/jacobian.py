@@ -1,14 +1,16 @@
-"""Weight-Jacobians of a frozen DeePMD-kit model's energy and forces.
+"""Weight-Jacobians of a frozen DeePMD-kit model's energy, virial and forces.
 
 The frozen graph (``dp freeze`` output) is imported with its weight constants
 replaced by inputs, so TensorFlow can differentiate the model's outputs with
-respect to the weights.  Three paths give the same numbers:
+respect to the weights.  Paths that give the same numbers:
 
 * :meth:`ModelJacobian.force_rows`: many force components per graph
-  evaluation (``rows_per_pass`` at a time to bound memory). For se_e2_a energy
-  models from the model's structure (:mod:`.se_a_rows`, checked against the
-  graph's forces first); otherwise the backward pass vectorised over output
-  directions with TensorFlow's ``pfor`` (generic autodiff);
+  evaluation (``rows_per_pass`` at a time to bound memory); with ``energy`` and
+  ``virial`` also dE/dw and the nine dW_ab/dw in the same array. Force rows come
+  from a descriptor family's structure when one in :mod:`.rows` serves the model
+  (checked against the graph's forces first), otherwise from the backward pass
+  vectorised over output directions with TensorFlow's ``pfor`` (generic
+  autodiff, any descriptor); :attr:`ModelJacobian.path` says which;
 * :meth:`ModelJacobian.force_row_bruteforce`: one backward pass per component,
   the paper's algorithm, kept for tests and benchmarks.
 
@@ -27,10 +29,13 @@ import numpy as np
 from deepmd.tf.env import default_tf_session_config, tf
 
 from ..kalman import BlockLayout
+from . import rows as row_builders
 from .frozen import _const, _graph_def, frozen_weights
-from .se_a_rows import SeARows, training_script, unsupported_reason
 
-__all__ = ["ModelJacobian", "Frame", "TypeMapError"]
+__all__ = ["ModelJacobian", "Frame", "TypeMapError", "NVIRIAL"]
+
+#: rows of the virial: its nine components W_ab, a-major (DeePMD-kit's order)
+NVIRIAL = 9
 
 
 class TypeMapError(ValueError):
@@ -58,8 +63,9 @@ class ModelJacobian:
     rows_per_pass
         Force components per graph evaluation (memory vs speed).
     structured
-        Use the se_e2_a structure when the model allows it (``structured_reason``
-        says why not, ``None`` when it is used); ``False`` forces generic autodiff.
+        Use a registered descriptor structure (:mod:`.rows`) when one serves the
+        model (``structured_reason`` says why not, ``None`` when one is used);
+        ``False`` forces generic autodiff.
     """
 
     def __init__(self, model_path: str | os.PathLike, layout: BlockLayout, rows_per_pass: int = 96,
@@ -75,6 +81,9 @@ class ModelJacobian:
         tmap = _const(graph_def, "model_attr/tmap")
         self.type_map = tmap.item().decode().split() if tmap is not None else []
         self.ntypes = int(_const(graph_def, "descrpt_attr/ntypes") or len(self.type_map))
+        rcut = _const(graph_def, "descrpt_attr/rcut")
+        #: the descriptor's cut-off radius (A), None when the graph does not say
+        self.rcut = float(np.ravel(rcut)[0]) if rcut is not None else None
         self.graph = tf.Graph()
         with self.graph.as_default():
             self._weights = [
@@ -87,6 +96,7 @@ class ModelJacobian:
             self._t = {k: get(f"t_{k}") for k in ("coord", "type", "natoms", "box", "mesh")}
             self._energy = tf.reshape(get("o_energy"), [-1])
             self._force = tf.reshape(get("o_force"), [-1])
+            self._virial = tf.reshape(get("o_virial"), [-1])
             self._components = tf.placeholder(tf.int32, [None], name="components")
 
             def flat(grads):
@@ -101,20 +111,26 @@ class ModelJacobian:
             def row(i):
                 return flat(tf.gradients(tf.gather(self._force, self._components[i]), self._weights))
 
-            # the generic vectorised graph is built on first use (structured models never need it)
+            def virial_row(i):
+                return flat(tf.gradients(tf.gather(self._virial, i), self._weights))
+
+            # the vectorised graphs are built on first use (structured models never need
+            # the force one, energy-and-force users never the virial one)
             self._rows = None
             self._make_rows = lambda: pfor(row, tf.shape(self._components)[0], fallback_to_while_loop=True)
+            self._virial_rows = None
+            self._make_virial_rows = lambda: pfor(virial_row, NVIRIAL, fallback_to_while_loop=True)
             self._row = None
             self._make_row = lambda: row(0)
             self._energy_row = flat(tf.gradients(self._energy[0], self._weights))
-            self.structured_reason = unsupported_reason(graph_def, layout, values) if structured \
-                else "switched off"
-            self._se_a, self._checked, self.use_structured = None, False, True
-            ends = np.cumsum([int(np.prod(shape)) for shape in layout.shapes])
-            self._offsets = {n: (int(e - np.prod(shape)), int(e))
-                             for n, shape, e in zip(layout.names, layout.shapes, ends)}
-            if self.structured_reason is None:
-                self._se_a = SeARows(graph_def, layout, self._weights, get, training_script(graph_def))
+            self._structure = None
+            if structured:
+                cls, script, self.structured_reason = row_builders.select(graph_def, layout, values)
+                if cls is not None:
+                    self._structure = cls(graph_def, layout, self._weights, get, script)
+            else:
+                self.structured_reason = "switched off"
+            self._checked, self.use_structured = False, True
         self._weight_feed = dict(zip(self._weights, values))
         config = default_tf_session_config
         self.sess = tf.Session(graph=self.graph, config=config)
@@ -174,67 +190,74 @@ class ModelJacobian:
         feed, _ = self._feed(frame)
         return self.sess.run(self._energy_row, feed_dict=feed)
 
+    @property
+    def path(self) -> str:
+        """How force rows are made: a structure's name, or generic autodiff and why."""
+        if self._structure is not None and self.use_structured:
+            return self._structure.name
+        return f"generic autodiff: {self.structured_reason or 'switched off'}"
+
+    def predict_virial(self, frame: Frame) -> np.ndarray:
+        """The model's virial, the nine components W_ab (DeePMD-kit's convention)."""
+        feed, _ = self._feed(frame)
+        return self.sess.run(self._virial, feed_dict=feed)
+
+    def virial_rows(self, frame: Frame) -> np.ndarray:
+        """dW_ab/dw for the nine virial components, shape (9, n)."""
+        feed, _ = self._feed(frame)
+        return self._run_virial_rows(feed)
+
+    def _run_virial_rows(self, feed) -> np.ndarray:
+        if self._virial_rows is None:
+            with self.graph.as_default():
+                self._virial_rows = self._make_virial_rows()
+        return self.sess.run(self._virial_rows, feed_dict=feed)
+
     def force_rows(self, frame: Frame, components: np.ndarray | None = None,
-                   energy: bool = False) -> np.ndarray:
+                   energy: bool = False, virial: bool = False) -> np.ndarray:
         """dF_c/dw for the flat force components c (default: all 3N), shape (m, n).
 
-        With ``energy`` the result has one more row, first: dE/dw (shape (1 + m, n)),
-        so that one quadratic-form call reads P once for the energy and the forces.
+        With ``energy`` the first row is dE/dw, with ``virial`` the next nine are
+        dW_ab/dw (a-major), then the force rows: one array, so that one
+        quadratic-form call reads P once for all of them.
         """
         feed, order = self._feed(frame)
         if components is None:
             components = np.arange(3 * order.size)
         comps = self._sorted_components(order, components)
-        out = np.empty((comps.size + int(energy), self.layout.n))
-        if self._se_a is not None and self.use_structured:
-            done = self._structured_rows(dict(feed), comps, out, energy)
-            if done is not None:
-                return done
+        head = int(energy) + NVIRIAL * int(virial)
+        out = np.empty((comps.size + head, self.layout.n))
         if energy:
             out[0] = self.sess.run(self._energy_row, feed_dict=feed)
+        if virial:
+            out[int(energy):head] = self._run_virial_rows(feed)
+        force = out[head:]
+        if self._structure is not None and self.use_structured:
+            if self._structure.fill(self.sess, dict(feed), comps, force, self.rows_per_pass,
+                                    None if self._checked else self._check):
+                self._checked = True
+                return out
         if self._rows is None:
             with self.graph.as_default():
                 self._rows = self._make_rows()
-        force = out[int(energy):]
         for start in range(0, comps.size, self.rows_per_pass):
             chunk = comps[start : start + self.rows_per_pass]
             feed[self._components] = chunk
             force[start : start + chunk.size] = self.sess.run(self._rows, feed_dict=feed)
         return out
 
-    def _structured_rows(self, feed, comps, out, energy):
-        se = self._se_a
-        kinds = [kind for kind, _ in se.jacobian_blocks]
-        # once per frame: the neighbour list, dT/dw_e, the environment, embedding and
-        # dE/dT (fed back to every chunk), and dE/dw when asked for
-        fetch = [se.nlist, [k for _, k in se.jacobian_blocks], se.frame_tensors]
-        nlist, blocks, per_frame, *e_row = self.sess.run(
-            fetch + ([self._energy_row] if energy else []), feed_dict=feed)
-        blocks = list(zip(kinds, blocks))
-        feed.update(zip(se.frame_tensors, per_frame))
-        if energy:
-            out[0] = e_row[0]
-        force = out[int(energy):]
-        for start in range(0, comps.size, self.rows_per_pass):
-            chunk = comps[start : start + self.rows_per_pass]
-            atoms, q = np.unique(chunk // 3, return_inverse=True)
-            pi, pj, pw = se.pairs(nlist, atoms)
-            feed.update({se.pair_i: pi, se.pair_j: pj, se.pair_w: pw,
-                         se.comp_q: q.astype(np.int32), se.comp_a: (chunk % 3).astype(np.int32)})
-            if not self._checked:
-                mine, graph = self.sess.run([se.forces, self._force], feed_dict=feed)
-                scale = max(float(np.abs(graph).max()), 1e-300)
-                if not np.abs(mine - graph[chunk]).max() <= 1e-9 * scale:
-                    self._se_a = None
-                    self.structured_reason = "its forces differ from the frozen graph's"
-                    warnings.warn(f"structured se_e2_a force rows disabled: {self.structured_reason}; "
-                                  "using generic autodiff", RuntimeWarning)
-                    return None
-                self._checked = True
-            rows, V = self.sess.run([se.rows, se.V], feed_dict=feed)
-            se.add_dense(rows, V, blocks, self._offsets)
-            force[start : start + chunk.size] = rows
-        return out
+    def _check(self, feed, mine, chunk) -> bool:
+        """The structure's forces against the frozen graph's; a mismatch switches it off."""
+        graph = self.sess.run(self._force, feed_dict=feed)
+        scale = max(float(np.abs(graph).max()), 1e-300)
+        if np.abs(mine - graph[chunk]).max() <= 1e-9 * scale:
+            return True
+        name = self._structure.name
+        self._structure = None
+        self.structured_reason = f"the {name}'s forces differ from the frozen graph's"
+        warnings.warn(f"structured force rows disabled: {self.structured_reason}; "
+                      "using generic autodiff", RuntimeWarning)
+        return False
 
     def force_row_bruteforce(self, frame: Frame, component: int) -> np.ndarray:
         """dF_c/dw for one component: one backward pass (the paper's algorithm)."""

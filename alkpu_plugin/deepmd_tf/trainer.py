@@ -36,6 +36,7 @@ from deepmd.tf.env import tf
 from deepmd.tf.train.trainer import DPTrainer
 from deepmd.tf.utils.sess import run_sess
 
+from ..domain import merge_domains, training_domain
 from ..kalman import BlockLayout, FilterOptions, KalmanFilter, load_state, save_state
 from ..kalman import KalmanStateError, budget, read_meta, rlekf
 from .schema import RLEKFSettings
@@ -165,7 +166,6 @@ class RLEKFTrainer(DPTrainer):
         self.kf_layout = BlockLayout.build(
             [(v.op.name, v.shape.as_list()) for v in variables], self.rlekf.blocksize
         )
-
         # P's memory budget, before any P exists: "auto" picks the blocksize
         # (that of the Kalman state being continued, if any), then P, in the
         # continued state's p_dtype if any, must fit p_memory_limit
@@ -305,6 +305,7 @@ class RLEKFTrainer(DPTrainer):
             "atom_rng": self.kf_atom_rng.bit_generator.state,
             "settings": self.rlekf.to_dict(),
             "type_map": list(self.type_map or []),
+            "domain": self.kf_domain,
         }
         # state first: a checkpoint never points at a state that is not there
         save_state(state, self.kf, extra)
@@ -331,6 +332,12 @@ class RLEKFTrainer(DPTrainer):
         kf, extra = self._open_filter()  # before anything is written
         self.kf = kf
         self.kf_sampler = BatchSampler(train_data, self.rlekf.seed)
+        # the range of the training cells' densities, kept with the state for KPU's domain check
+        self.kf_domain = merge_domains(
+            extra.get("domain") if self.run_opt.init_mode != "init_from_scratch" else None,
+            training_domain((int(sys.natoms), f.get("box"), not sys.pbc)
+                            for sys, f in zip(train_data.data_systems, self.kf_sampler.frames)),
+        )
         seed = self.rlekf.seed
         self.kf_atom_rng = np.random.default_rng(None if seed is None else [int(seed), 1])
         self._init_session()

@@ -197,7 +197,8 @@ def kpu_mdata(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
         relative += f"--select-hook {shlex.quote(kpu['select_hook'])} "
     md["model_devi_command"] = (
         f"alkpu lmp-kpu --lmp {shlex.quote(lmp)} --model ../graph.000.pb --kalman-state {STATE_LINK} "
-        f"--seed {int(kpu.get('seed', 0))} --rows-per-pass {int(kpu.get('rows_per_pass', 96))} {relative}--"
+        f"--seed {int(kpu.get('seed', 0))} --rows-per-pass {int(kpu.get('rows_per_pass', 96))} "
+        f"--density-factor {float(kpu.get('density_factor', 1.3))!r} {relative}--"
     )
     return md
 
@@ -294,12 +295,12 @@ def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int
     """Fit the KPU scale on ``max_frames`` training frames drawn at random from all systems."""
     import numpy as np
 
-    from ..calibration import calibrate, deciles, fit, save_calibration
+    from ..calibration import deciles, fit, fit_virial, force_errors, save_calibration, virial_errors
     from ..kpu_engine import KPUEngine
 
     engine = KPUEngine(train_dir / "graph.000.pb", train_dir / STATE_LINK, seed=int(kpu.get("seed", 0)),
                        rows_per_pass=int(kpu.get("rows_per_pass", 96)))
-    kpus, errs = [], []
+    kpus, errs, vkpus, verrs = [], [], [], []
     rng = np.random.default_rng([int(kpu.get("seed", 0)), ii])
     systems = _training_systems(ii, jdata)
     pool = [(i, f) for i, system in enumerate(systems) for f in range(system.get_nframes())]
@@ -308,11 +309,17 @@ def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int
         frames = [f for j, f in picked if j == i]
         if not frames:
             continue
-        _, k, e = calibrate(engine, system, frames=frames, progress=False)
-        kpus.append(k.ravel())
-        errs.append(e.ravel())
+        result = engine.compute(system, frames=frames, progress=False)
+        errs.append(force_errors(engine, system, result).ravel())
+        kpus.append(result.atom_kpu.ravel())
+        virial = virial_errors(engine, system, result)
+        if virial is not None:
+            vkpus.append(virial[0].ravel())
+            verrs.append(virial[1].ravel())
     kpus, errs = np.concatenate(kpus), np.concatenate(errs)
     cal = fit(kpus, errs)
+    if vkpus:  # systems without virial labels take the force scale
+        cal["virial"] = fit_virial(np.concatenate(vkpus), np.concatenate(verrs))
     cal["fitted_on"] = "training data (in-sample)"
     cal["deciles"] = deciles(kpus, errs, cal)
     saved = save_calibration(train_dir / STATE_LINK, cal)

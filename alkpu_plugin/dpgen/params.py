@@ -84,6 +84,13 @@ def kpu_arguments() -> list[Argument]:
                  "per-frame (frames,) or per-atom (frames, atoms) values written to model_devi.out, "
                  "which DP-GEN's selection compares with the trust levels. Must be importable where "
                  "the exploration jobs run."),
+        Argument("density_factor", [int, float], optional=True, default=1.3,
+                 extra_check=lambda x: x == 0 or x >= 1,
+                 extra_check_errmsg="density_factor must be 0 (no density check) or >= 1",
+                 doc="Explored frames whose number density lies below the training data's lowest "
+                 "divided by this factor, or above its highest times it, are outside the model's "
+                 "domain: written as failed to model_devi.out (as are frames with an atom that has no "
+                 "neighbour inside rcut). 0 switches the density check off."),
         Argument("rows_per_pass", int, optional=True, default=96,
                  extra_check=lambda x: x > 0, extra_check_errmsg="rows_per_pass must be positive",
                  doc="Force components per graph evaluation (memory vs speed)."),

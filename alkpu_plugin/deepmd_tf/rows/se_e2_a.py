@@ -30,28 +30,22 @@ and its weight gradient splits into three exact parts:
   with one copy of the weights per component.
 
 This file mirrors DeePMD-kit's se_e2_a embedding net and 'ener' fitting net
-for single-element float64 models (:func:`unsupported_reason` says what else
-falls back to the generic path); before its rows are used,
-:class:`~.jacobian.ModelJacobian` compares the forces ``SeARows.forces`` gives
-with the frozen graph's.
+for single-element float64 models (:meth:`SeARows.unsupported_reason` says what
+else falls back to the generic path); before its rows are used,
+:class:`~alkpu_plugin.deepmd_tf.jacobian.ModelJacobian` compares the forces
+``SeARows.forces`` gives with the frozen graph's.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 
 from deepmd.tf.env import tf
 
-from .frozen import _const
+from ..frozen import _const
+from . import StructuredRows, register, training_script
 
-__all__ = ["SeARows", "unsupported_reason", "training_script"]
-
-
-def training_script(graph_def) -> dict | None:
-    value = _const(graph_def, "train_attr/training_script")
-    return None if value is None else json.loads(value.item().decode())
+__all__ = ["SeARows", "unsupported_reason"]
 
 
 def _embedding_names(nlayers: int) -> list[str]:
@@ -67,9 +61,9 @@ def _fitting_names(nlayers: int, names) -> list[str]:
     return out + ["final_layer_type_0/matrix", "final_layer_type_0/bias"]
 
 
-def unsupported_reason(graph_def, layout, values) -> str | None:
+def unsupported_reason(graph_def, layout, values, script: dict | None = None) -> str | None:
     """Why the structured path cannot serve this model (``None``: it can)."""
-    script = training_script(graph_def)
+    script = training_script(graph_def) if script is None else script
     if script is None:
         return "the frozen model carries no training script"
     model = script.get("model", {})
@@ -267,18 +261,28 @@ def _per_component(w, C):
     return tf.broadcast_to(tf.reshape(w, shape), tf.concat([[C], shape], 0))
 
 
-class SeARows:
+@register
+class SeARows(StructuredRows):
     """The structured force-row graph, built inside a :class:`ModelJacobian`'s graph.
 
     ``weights`` are the placeholders of the layout's tensors; ``get(name)`` returns
     the frozen graph's tensor ``name`` as imported there.
     """
 
+    name = "se_e2_a structure"
+
+    @classmethod
+    def unsupported_reason(cls, graph_def, layout, values, script=None):
+        return unsupported_reason(graph_def, layout, values, script)
+
     def __init__(self, graph_def, layout, weights, get, script: dict):
         desc, fitting = script["model"]["descriptor"], script["model"]["fitting_net"]
         S = self.nnei = int(sum(desc["sel"]))
         m2 = int(desc["axis_neuron"])
         byname = dict(zip(layout.names, weights))
+        ends = np.cumsum([int(np.prod(shape)) for shape in layout.shapes])
+        self._offsets = {n: (int(e - np.prod(shape)), int(e))
+                         for n, shape, e in zip(layout.names, layout.shapes, ends)}
         emb_names = _embedding_names(len(desc["neuron"]))
         self.emb_names = emb_names
         emb = [(byname[emb_names[2 * i]], byname[emb_names[2 * i + 1]]) for i in range(len(emb_names) // 2)]
@@ -376,6 +380,31 @@ class SeARows:
                         [C, -1]) for n, w in zip(layout.names, weights)], axis=1)
 
     # ------------------------------------------------------------ numpy side
+    def fill(self, sess, feed, comps, out, rows_per_pass, check=None):
+        """Force rows of ``comps`` into ``out``; see :meth:`StructuredRows.fill`.
+
+        Once per frame: the neighbour list, dT/dw_e, and the environment,
+        embedding and dE/dT (fed back to every chunk of components).
+        """
+        kinds = [kind for kind, _ in self.jacobian_blocks]
+        nlist, blocks, per_frame = sess.run(
+            [self.nlist, [k for _, k in self.jacobian_blocks], self.frame_tensors], feed_dict=feed)
+        blocks = list(zip(kinds, blocks))
+        feed.update(zip(self.frame_tensors, per_frame))
+        for start in range(0, comps.size, rows_per_pass):
+            chunk = comps[start : start + rows_per_pass]
+            atoms, q = np.unique(chunk // 3, return_inverse=True)
+            pi, pj, pw = self.pairs(nlist, atoms)
+            feed.update({self.pair_i: pi, self.pair_j: pj, self.pair_w: pw,
+                         self.comp_q: q.astype(np.int32), self.comp_a: (chunk % 3).astype(np.int32)})
+            if check is not None and start == 0:
+                if not check(feed, sess.run(self.forces, feed_dict=feed), chunk):
+                    return False
+            rows, V = sess.run([self.rows, self.V], feed_dict=feed)
+            self.add_dense(rows, V, blocks, self._offsets)
+            out[start : start + chunk.size] = rows
+        return True
+
     @staticmethod
     def pairs(nlist: np.ndarray, atoms: np.ndarray):
         """(pair_i, pair_j, pair_w), (K, P): for each atom k its own rows and the rows that hold k."""
