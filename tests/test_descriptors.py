@@ -1,0 +1,173 @@
+"""Real DeePMD inputs: every se_e2_a option and the other TF descriptors, on two species.
+
+For each model input: real `dp train` (RLEKF, a few steps) and `dp freeze`, then the
+KPU engine's rows against the brute-force path (one backward pass per output):
+force rows, the energy row and the nine virial rows, the KPU values against dense
+quadratic forms, and the virial rows against finite differences of the model's
+own virial.
+"""
+
+import copy
+
+import dpdata
+import numpy as np
+import pytest
+
+from alkpu_plugin.kalman import kpu as kpu_math
+from alkpu_plugin.kalman import load_state
+
+from .conftest import run_dp
+
+pytestmark = pytest.mark.slow
+
+SE_A = {"type": "se_e2_a", "sel": [24, 24], "rcut_smth": 3.0, "rcut": 4.0, "neuron": [4, 8],
+        "axis_neuron": 4, "seed": 1}
+BASE = {
+    "model": {"type_map": ["Cu", "Ni"], "descriptor": SE_A, "fitting_net": {"neuron": [8, 8], "seed": 1}},
+    "learning_rate": {"type": "exp", "start_lr": 0.001, "stop_lr": 3e-5, "decay_steps": 100},
+    "optimizer": {"type": "RLEKF", "blocksize": 512},
+    "loss": {"start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+    "training": {"training_data": {"systems": [], "batch_size": 1},
+                 "numb_steps": 3, "disp_freq": 3, "save_freq": 3, "seed": 3},
+}
+
+# name: (descriptor changes, fitting changes, "model" changes)
+CASES = {
+    "se_e2_a": ({}, {}, {}),
+    "resnet_dt": ({"resnet_dt": True}, {"resnet_dt": True}, {}),
+    "type_one_side": ({"type_one_side": True}, {}, {}),
+    "exclude_types": ({"exclude_types": [[0, 1]]}, {}, {}),
+    "activation": ({"activation_function": "gelu"}, {"activation_function": "softplus"}, {}),
+    "float32": ({"precision": "float32"}, {"precision": "float32"}, {}),
+    "set_davg_zero": ({"set_davg_zero": True}, {}, {}),
+    "partly_frozen": ({}, {"trainable": [True, False, True]}, {}),
+    "one_side_excluded": ({"type_one_side": True, "exclude_types": [[0, 1]]}, {}, {}),
+    "combined": ({"resnet_dt": True, "type_one_side": True, "exclude_types": [[1, 1]],
+                  "set_davg_zero": True, "neuron": [4, 8, 16]},
+                 {"resnet_dt": True, "trainable": [False, True, True]}, {}),
+    "combined_gelu": ({"resnet_dt": True, "exclude_types": [[0, 1]], "activation_function": "gelu",
+                       "neuron": [4, 8, 8]}, {"resnet_dt": True}, {}),
+    "se_e2_r": ({"type": "se_e2_r", "axis_neuron": None}, {}, {}),
+    "se_e3": ({"type": "se_e3", "sel": [12, 12], "axis_neuron": None}, {}, {}),
+    "se_atten": ({"type": "se_atten", "sel": 48, "attn": 8, "attn_layer": 1, "attn_dotr": True,
+                  "attn_mask": False}, {}, {}),
+    "hybrid": ({"type": "hybrid", "list": [
+        {"type": "se_e2_a", "sel": [24, 24], "rcut_smth": 3.0, "rcut": 4.0, "neuron": [4, 8],
+         "axis_neuron": 4, "seed": 1},
+        {"type": "se_e2_r", "sel": [12, 12], "rcut_smth": 2.0, "rcut": 3.0, "neuron": [4, 8], "seed": 1}]},
+        {}, {}),
+}
+
+
+# the force rows' path: the se_e2_a structure serves tanh float64 se_e2_a models
+GENERIC = {"activation", "float32", "combined_gelu", "se_e2_r", "se_e3", "se_atten", "hybrid"}
+
+
+@pytest.fixture(scope="module")
+def cuni_data(tmp_path_factory):
+    from alkpu_plugin.reference import md_frames
+
+    root = tmp_path_factory.mktemp("cuni")
+    md_frames(600, 6, substitute={"Ni": 0.5}, type_map=["Cu", "Ni"], seed=5).to("deepmd/npy", str(root / "train"))
+    md_frames(600, 2, substitute={"Ni": 0.5}, type_map=["Cu", "Ni"], seed=6).to("deepmd/npy", str(root / "test"))
+    return root
+
+
+def model_input(name, data):
+    desc_changes, fit_changes, model_changes = CASES[name]
+    inp = copy.deepcopy(BASE)
+    model = inp["model"]
+    if desc_changes.get("type") == "hybrid":
+        model["descriptor"] = copy.deepcopy(desc_changes)
+    else:
+        model["descriptor"].update(desc_changes)
+    model["descriptor"] = {k: v for k, v in model["descriptor"].items() if v is not None}
+    model["fitting_net"].update(fit_changes)
+    model.update(model_changes)
+    inp["training"]["training_data"]["systems"] = [str(data / "train")]
+    return inp
+
+
+@pytest.fixture(scope="module")
+def models(cuni_data, tmp_path_factory):
+    """Trained and frozen on first use, one directory per case."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            run_dp(root, "train", "input.json", input_data=model_input(name, cuni_data))
+            run_dp(root, "freeze", "-o", "graph.pb")
+            made[name] = root / "graph.pb"
+        return made[name]
+
+    return get
+
+
+def _rel(a, b):
+    scale = max(float(np.abs(b).max()), 1e-300)
+    return float(np.abs(a - b).max()) / scale
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rows_and_kpu_equal_the_brute_force_path(name, models, cuni_data):
+    from alkpu_plugin.kpu_engine import KPUEngine
+
+    engine = KPUEngine(models(name), seed=2, rows_per_pass=24)
+    expected = "generic autodiff" if name in GENERIC else "se_e2_a structure"
+    assert engine.jacobian.path.startswith(expected), engine.jacobian.path
+    ref, _ = load_state(engine.state_path)  # P as saved (the engine may factorise its copy)
+    system = dpdata.System(str(cuni_data / "test"), fmt="deepmd/npy")
+    _, frames = engine._frames(system, [1])
+    frame = frames[0]
+    comps = np.array([0, 4, 5, 3 * 17 + 2, 3 * 31 + 1])  # atoms of both species
+    rows = engine.jacobian.force_rows(frame, comps, energy=True, virial=True)
+    assert rows.shape == (1 + 9 + comps.size, engine.kf.layout.n)
+    assert engine.jacobian.path.startswith(expected), engine.jacobian.path  # passed its self-check
+    # the brute-force path: one backward pass per output
+    brute = np.array([engine.jacobian.force_row_bruteforce(frame, int(c)) for c in comps])
+    assert _rel(rows[10:], brute) < 1e-6
+    assert _rel(rows[0], engine.jacobian.energy_row(frame)) < 1e-6
+    # KPU from the engine (all components, energy, virial) against dense quadratic forms
+    one = engine.frame_kpu(frame, 1)
+    for k, c in enumerate(comps):
+        assert one.components[c] == pytest.approx(kpu_math.bruteforce_kpu(ref, brute[k]), rel=1e-6)
+    assert one.energy == pytest.approx(kpu_math.bruteforce_kpu(ref, rows[0]), rel=1e-6)
+    assert np.all(one.components > 0) and one.energy > 0
+    # virial rows: finite differences of the model's own virial along a random weight direction
+    virial_rows = rows[1:10]
+    for ab in range(9):
+        assert one.virial[ab] == pytest.approx(kpu_math.bruteforce_kpu(ref, virial_rows[ab]), rel=1e-6)
+    W = engine.jacobian.predict_virial(frame).reshape(3, 3)
+    assert np.abs(W - W.T).max() <= 1e-6 * np.abs(W).max()  # symmetric for these energies
+    if "float32" not in name and CASES[name][0].get("precision") != "float32":
+        jac = engine.jacobian
+        feed, _ = jac._feed(frame)
+        direction = np.random.default_rng(1).normal(size=jac.layout.n)
+        parts = jac.layout.unpack(direction)
+
+        def virial_at(eps):
+            shifted = dict(feed)
+            for w, p in zip(jac._weights, parts):
+                shifted[w] = jac._weight_feed[w] + eps * p
+            return jac.sess.run(jac._virial, feed_dict=shifted)
+
+        eps = 1e-5
+        fd = (virial_at(eps) - virial_at(-eps)) / (2 * eps)
+        assert _rel(virial_rows @ direction, fd) < 1e-6
+    engine.jacobian.close()
+
+
+def test_unused_variables_stay_out_of_the_kalman_layout(models):
+    """resnet_dt creates an idt for the first embedding layer that DeePMD-kit never uses:
+    it is not in the layout, so the frozen model and the state agree by construction."""
+    from alkpu_plugin.deepmd_tf.frozen import _graph_def, find_kalman_state
+    from alkpu_plugin.kalman import read_meta
+
+    graph = models("resnet_dt")
+    state = find_kalman_state(graph)  # accepted: same layout, same weights
+    names = read_meta(state)["layout"]["names"]
+    consts = {n.name for n in _graph_def(graph).node if n.op == "Const"}
+    assert set(names) <= consts
+    assert not any("idt_1_" in n for n in names)  # the unused first-layer idt
+    assert any("idt_2_" in n for n in names)  # the used ones stay
