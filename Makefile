@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: venv qe
-	$(PY) -m pytest -ra -q tests
+	$(PY) -m pytest -ra -q --durations=25 tests
 
 # the embedded default: the whole ALKPU loop (temperature ladder 300 -> 1400 K, EMT as
 # the labeller, this machine as the cluster) in demo-run/, then its report in
