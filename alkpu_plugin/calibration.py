@@ -26,7 +26,7 @@ from .atomic import atomic_write
 from .kalman import read_meta
 
 __all__ = ["fit", "fit_virial", "calibration_path", "load_calibration", "save_calibration", "deciles",
-           "calibrate", "force_errors", "virial_errors"]
+           "calibrate", "force_errors", "virial_errors", "CalibrationError"]
 
 
 def fit(atom_kpu: np.ndarray, sq_error: np.ndarray) -> dict:
@@ -87,12 +87,29 @@ def save_calibration(state_path: str | os.PathLike, calibration: dict) -> Path:
     return atomic_write(path, lambda fh: fh.write(json.dumps(data, indent=1)), binary=False)
 
 
+class CalibrationError(ValueError):
+    """A calibration file exists but cannot be used (damaged)."""
+
+
 def load_calibration(state_path: str | os.PathLike) -> dict | None:
-    """The calibration saved for this state's weights, or None."""
+    """The calibration saved for this state's weights, or None (none saved, or saved for other weights).
+
+    A damaged file raises :class:`CalibrationError` rather than silently giving uncalibrated values.
+    """
     path = calibration_path(state_path)
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("a"), (int, float)):
+            raise ValueError("no fitted scale 'a'")
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(
+            f"the KPU calibration {path} is damaged "
+            f"({'truncated or not JSON: ' if isinstance(exc, json.JSONDecodeError) else ''}{exc}). "
+            "Delete it, then fit it again: `alkpu calibrate -m MODEL -s LABELLED_FRAMES` (an `alkpu run` "
+            "fits it again by itself before its next exploration)."
+        ) from None
     if data.get("weights_sha256") != _weights_of(state_path):
         return None
     return data

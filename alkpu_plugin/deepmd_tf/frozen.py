@@ -51,21 +51,47 @@ def _const(graph_def, name):
     return None
 
 
-def frozen_weights(model_path: str | os.PathLike, names) -> list[np.ndarray]:
-    """The constants named ``names`` in a frozen model."""
+def _first(names, k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def frozen_weights(model_path: str | os.PathLike, names, shapes=None) -> list[np.ndarray]:
+    """The constants named ``names`` in a frozen model.
+
+    ``shapes`` (those the Kalman state records) only sharpen the error when some are missing.
+    """
     from deepmd.tf.env import tf
 
+    names = list(names)
     wanted = set(names)
-    found = {}
+    found, other_ops = {}, {}
     for node in _graph_def(model_path).node:
-        if node.op == "Const" and node.name in wanted:
-            found[node.name] = tf.make_ndarray(node.attr["value"].tensor)
+        if node.name in wanted:
+            if node.op == "Const":
+                found[node.name] = tf.make_ndarray(node.attr["value"].tensor)
+            else:
+                other_ops[node.name] = node.op
     missing = [n for n in names if n not in found]
     if missing:
-        raise KalmanStateError(
-            f"the frozen model {model_path} has no weights named {missing[:3]}"
-            f"{' ...' if len(missing) > 3 else ''}: the Kalman state belongs to another model"
-        )
+        head = (f"the frozen model {model_path} lacks {len(missing)} of the {len(names)} weight tensors "
+                f"the Kalman state lists ({_first(missing)})")
+        reshaped = [n for n, s in zip(names, shapes or ()) if n in found and tuple(found[n].shape) != tuple(s)]
+        if other_ops:
+            n = next(iter(other_ops))
+            why = (f"{n} is a {other_ops[n]} node, not a constant: is {model_path} the output of `dp freeze`? "
+                   "Freeze the checkpoint (`dp freeze -o graph.pb` in the training directory) and use that file.")
+        elif not reshaped:
+            # every missing name is absent from the graph, and no tensor found has another shape
+            why = ("The graph has no node of those names"
+                   + (", and its other weights have the shapes the state records" if shapes is not None else "")
+                   + ": the state was probably written by an earlier version of this trainer, which kept "
+                   "weights the energy does not depend on (e.g. filter_type_*/idt_1_* with resnet_dt; `dp freeze` "
+                   'drops them). Train again, or continue from the checkpoint with "reset_state": true in the '
+                   "optimizer section, then freeze; the new state leaves them out.")
+        else:
+            why = (f"The Kalman state belongs to another model (tensor {reshaped[0]} has another shape): pass "
+                   "the state written with the checkpoint this model was frozen from (--kalman-state).")
+        raise KalmanStateError(f"{head}. {why}")
     return [found[n] for n in names]
 
 
@@ -75,14 +101,32 @@ def check_state_matches_model(model_path: str | os.PathLike, state_path: str | o
     layout = BlockLayout.from_dict(meta["layout"])
     saved = meta.get("extra", {}).get("weights_sha256")
     if saved is None:
-        raise KalmanStateError(f"Kalman state {state_path} records no weight digest")
-    weights = frozen_weights(model_path, layout.names)
-    shapes = tuple(tuple(w.shape) for w in weights)
-    if shapes != layout.shapes or weights_digest(layout.pack(weights)) != saved:
         raise KalmanStateError(
-            f"Kalman state {state_path} does not belong to model {model_path}: it was saved "
-            "with other weights. Pass the state written with the checkpoint this model was "
-            "frozen from."
+            f"Kalman state {state_path} records no weight digest, so it cannot be matched to a model: "
+            "it was not written by the RLEKF trainer (`dp train` with the RLEKF optimizer)"
+        )
+    try:
+        weights = frozen_weights(model_path, layout.names, layout.shapes)
+    except KalmanStateError as exc:
+        raise KalmanStateError(f"Kalman state {state_path}: {exc}") from None
+    fix = ("Freeze the checkpoint this state was written with (`dp freeze -o graph.pb` in its training "
+           "directory), or pass the state written with this model's checkpoint (--kalman-state).")
+    reshaped = next(((n, s, w.shape) for n, s, w in zip(layout.names, layout.shapes, weights)
+                     if tuple(w.shape) != tuple(s)), None)
+    if reshaped is not None:
+        n, s, w = reshaped
+        raise KalmanStateError(
+            f"Kalman state {state_path} does not belong to model {model_path}: tensor {n} has shape "
+            f"{list(w)} in the model, {list(s)} in the state (another architecture). {fix}"
+        )
+    digest = weights_digest(layout.pack(weights))
+    if digest != saved:
+        step = meta.get("extra", {}).get("step")
+        raise KalmanStateError(
+            f"Kalman state {state_path} does not belong to model {model_path}: same tensors and shapes, "
+            f"other values (weights sha256 {digest[:12]} in the model, {saved[:12]} in the state"
+            + (f", which was saved at training step {step}" if step is not None else "")
+            + f"; e.g. a model frozen from another checkpoint or training). {fix}"
         )
     return meta
 

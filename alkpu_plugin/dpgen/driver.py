@@ -32,7 +32,8 @@ from ..runfiles import STEP_NAMES, TIMING_FILE
 from .params import split_param
 from .stages import StageLog, check_interval, timed_dpgen_steps
 
-__all__ = ["run", "run_stage", "kpu_jdata", "kpu_mdata", "set_init_state", "after_training", "STEP_NAMES"]
+__all__ = ["run", "run_stage", "kpu_jdata", "kpu_mdata", "set_init_state", "after_training", "check_exploration",
+           "STEP_NAMES"]
 
 log = logging.getLogger("dpgen")
 
@@ -104,9 +105,33 @@ def _run_kpu(jdata: dict, kpu: dict, mdata_in: dict, stages: StageLog | None = N
         for jj, name in enumerate(STEP_NAMES):
             if (ii, jj) <= done:
                 continue
-            if not run_stage(ii, name, jdata, mdata, kpu, stages):
-                return
+            try:
+                if not run_stage(ii, name, jdata, mdata, kpu, stages):
+                    return
+            except _fixable() as exc:  # a file the user can restore or fix: say how to go on
+                hinted = _resume_hint(exc, ii, name)
+                if hinted is None:
+                    raise
+                raise hinted from exc
             record_iter(record, ii, jj)
+
+
+def _fixable():
+    from ..calibration import CalibrationError
+    from ..kalman import KalmanStateError, LayoutMismatchError
+
+    return (KalmanStateError, LayoutMismatchError, CalibrationError, FileNotFoundError)
+
+
+def _resume_hint(exc: Exception, ii: int, name: str) -> Exception | None:
+    """``exc`` with how to go on once its cause is fixed (the record has not advanced)."""
+    try:
+        return type(exc)(
+            f"{exc}\nOnce fixed, run the same `alkpu run` command again: it continues with {name} of "
+            f"iteration {ii} (record.dpgen keeps the finished steps, which are not redone; nothing is deleted)."
+        )
+    except TypeError:  # an exception class that takes other arguments
+        return None
 
 
 def run_stage(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict, stages: StageLog | None = None) -> bool:
@@ -134,6 +159,8 @@ def _run_step(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict) -> bool:
     )
 
     log.info("ALKPU iter.%06d: %s", ii, name)
+    if name == "run_model_devi":
+        check_exploration(ii, jdata, kpu)  # before any job is submitted with these files
     md = kpu_mdata(ii, jdata, mdata, kpu)
     if name == "make_train":
         make_train(ii, jdata, md)
@@ -192,7 +219,7 @@ def kpu_mdata(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
     lmp = md.get("model_devi_command", "lmp")
     relative = ""
     if (train_dir / KPU_TRAIN).exists():
-        relative = f"--relative-to {json.loads((train_dir / KPU_TRAIN).read_text())['kpu_train']!r} "
+        relative = f"--relative-to {_kpu_train_value(train_dir / KPU_TRAIN)!r} "
     if kpu.get("select_hook"):
         relative += f"--select-hook {shlex.quote(kpu['select_hook'])} "
     md["model_devi_command"] = (
@@ -218,6 +245,9 @@ def set_init_state(ii: int, jdata: dict) -> None:
             f"iteration {ii} continues training from {_iter_dir(ii - 1)}/00.train, but its Kalman state "
             f"{prev} is missing; kpu mode needs the state saved with the model"
         )
+    from ..kalman import read_meta
+
+    read_meta(prev)  # a damaged state stops here, not in the training job
     task_input = _iter_dir(ii) / "00.train" / "000" / "input.json"
     data = json.loads(task_input.read_text())
     data.setdefault("optimizer", {})["init_state"] = STATE_LINK
@@ -226,10 +256,20 @@ def set_init_state(ii: int, jdata: dict) -> None:
 
 def after_training(ii: int, jdata: dict, kpu: dict) -> None:
     """Link the state as kalman.000.npz and calibrate KPU on the training data."""
+    from ..kalman import KalmanStateError, read_meta
+
     train_dir = _iter_dir(ii) / "00.train"
     state = train_dir / "000" / "model.ckpt.kalman.npz"
+    retrain = f"Without a copy, train again: delete the lines after `{ii} 0` in record.dpgen."
     if not state.exists():
-        raise FileNotFoundError(f"training left no Kalman state {state}")
+        raise FileNotFoundError(
+            f"the Kalman state {state} of the trained model is missing (dp train with RLEKF writes it beside "
+            f"the checkpoint and the training job brings it back): put it back. {retrain}"
+        )
+    try:
+        read_meta(state)
+    except KalmanStateError as exc:
+        raise KalmanStateError(f"{exc} {retrain}") from None
     link = train_dir / STATE_LINK
     if link.is_symlink() or link.exists():
         link.unlink()
@@ -251,6 +291,52 @@ def after_training(ii: int, jdata: dict, kpu: dict) -> None:
         _calibrate(ii, jdata, train_dir, kpu)
     else:
         _kpu_train(ii, jdata, train_dir, kpu)
+
+
+def check_exploration(ii: int, jdata: dict, kpu: dict) -> None:
+    """Before iteration ii's exploration jobs go out: its Kalman state is readable and belongs to
+    graph.000.pb, and the calibration (or KPU_train) the tasks read is there and readable.
+
+    A missing one, or one fitted for other weights, is fitted again as after training (deleting it
+    is the way to refit); a damaged one stops the run, naming the file.
+    """
+    from ..calibration import calibration_path, load_calibration
+    from ..deepmd_tf.frozen import find_kalman_state
+
+    train_dir = _iter_dir(ii) / "00.train"
+    state = train_dir / STATE_LINK
+    find_kalman_state(train_dir / "graph.000.pb", state)
+    if kpu.get("trust", "calibrated") == "calibrated":
+        if load_calibration(state) is None or not (train_dir / CALIBRATION_LINK).exists():
+            log.info("ALKPU iter.%06d: no KPU calibration for this model (%s), fitting it again", ii,
+                     calibration_path(state))
+            _refit(ii, jdata, kpu)
+    else:
+        if not (train_dir / KPU_TRAIN).exists():
+            log.info("ALKPU iter.%06d: no %s, computing it again", ii, train_dir / KPU_TRAIN)
+            _refit(ii, jdata, kpu)
+        _kpu_train_value(train_dir / KPU_TRAIN)
+
+
+def _refit(ii: int, jdata: dict, kpu: dict) -> None:
+    """Redo what after_training did for iteration ii's model (from the iteration that trained it)."""
+    first = ii
+    while first > 0 and _training_skipped(first):
+        first -= 1
+    for jj in range(first, ii + 1):
+        after_training(jj, jdata, kpu)
+
+
+def _kpu_train_value(path: Path) -> float:
+    try:
+        return float(json.loads(path.read_text())["kpu_train"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        from ..calibration import CalibrationError
+
+        raise CalibrationError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}): delete it, and `alkpu run` computes "
+            "KPU_train again before the next exploration"
+        ) from None
 
 
 def _training_systems(ii: int, jdata: dict):

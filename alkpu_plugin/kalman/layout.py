@@ -30,6 +30,12 @@ class LayoutMismatchError(ValueError):
     """A Kalman state was offered to a model whose weight layout differs."""
 
 
+def _first(names: Sequence[str], k: int = 3) -> str:
+    """The first ``k`` names, and how many more."""
+    text = ", ".join(names[:k]) or "none"
+    return text + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """Where every weight of a model sits in the flat vector, and its blocks.
@@ -155,25 +161,31 @@ class BlockLayout:
         """Raise :class:`LayoutMismatchError` naming the first difference."""
         if self.fingerprint == other.fingerprint:
             return
-        if self.blocksize != other.blocksize:
-            detail = f"blocksize {other.blocksize} != {self.blocksize}"
+        fix = ("Use the Kalman state saved with this model's checkpoint, or start a "
+               'fresh filter (optimizer key "reset_state": true).')
+        mine, theirs = dict(zip(self.names, self.shapes)), dict(zip(other.names, other.shapes))
+        reshaped = next(((n, s, theirs[n]) for n, s in mine.items() if n in theirs and theirs[n] != s), None)
+        if reshaped is not None:
+            n, a, b = reshaped
+            detail = f"tensor {n} has shape {list(a)} in the model, {list(b)} in the state"
         elif self.names != other.names:
-            mine, theirs = set(self.names), set(other.names)
-            missing = sorted(mine - theirs)[:3]
-            extra = sorted(theirs - mine)[:3]
+            missing = [n for n in self.names if n not in theirs]
+            extra = [n for n in other.names if n not in mine]
             detail = (
-                f"weight tensors differ (model has {len(self.names)}, state has "
-                f"{len(other.names)}; missing from state: {missing}, unknown: {extra})"
+                f"weight tensors differ (model has {len(self.names)}, state has {len(other.names)}; "
+                f"{len(missing)} missing from the state: {_first(missing)}; "
+                f"{len(extra)} unknown to the model: {_first(extra)})"
+                if missing or extra else "the same weight tensors in another order"
             )
+            if extra and not missing:
+                # the state lists tensors the model's energy does not use, e.g. filter_type_*/idt_1_*
+                # of resnet_dt, which an earlier trainer kept and the current one leaves out
+                fix = ("The state was probably written by an earlier version of this trainer, which kept "
+                       "weights the energy does not depend on (e.g. filter_type_*/idt_1_* with resnet_dt). "
+                       'Start a fresh filter from these weights (optimizer key "reset_state": true), '
+                       "or train again.")
         else:
-            diff = next(
-                (n, a, b)
-                for n, a, b in zip(self.names, self.shapes, other.shapes)
-                if a != b
-            )
-            detail = f"tensor {diff[0]} has shape {list(diff[1])} in the model, {list(diff[2])} in the state"
-        raise LayoutMismatchError(
-            f"the {what} does not belong to this model: {detail}. "
-            "Use the Kalman state saved with this model's checkpoint, or start a "
-            'fresh filter (optimizer key "reset_state": true).'
-        )
+            detail = f"blocksize {other.blocksize} != {self.blocksize} (the state's, this model's)"
+            fix = (f"Set the optimizer's blocksize to {other.blocksize} (or \"auto\", which takes a continued "
+                   'state\'s), or start a fresh filter (optimizer key "reset_state": true).')
+        raise LayoutMismatchError(f"the {what} does not belong to this model: {detail}. {fix}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -63,19 +64,53 @@ def save_state(path: str | os.PathLike, kf: KalmanFilter, extra: dict[str, Any] 
     return path
 
 
+def _named(path: Path) -> str:
+    """``path``, and the file it links to when it is a symbolic link."""
+    return f"{path} (a link to {os.path.realpath(path)})" if path.is_symlink() else str(path)
+
+
+def _damaged(path: Path, exc: BaseException) -> KalmanStateError:
+    return KalmanStateError(
+        f"{_named(path)} is not a Kalman state file that can be read: it is damaged (truncated, or "
+        f"not a zip archive: {type(exc).__name__}: {exc}). Copy it again from where it was written "
+        "(model.ckpt-<step>.kalman.npz beside the training checkpoint), or train again."
+    )
+
+
+# what numpy and zipfile raise on a truncated, corrupted or foreign file
+_READ_ERRORS = (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error)
+
+
+def _open(path: Path) -> np.lib.npyio.NpzFile:
+    """``np.load`` of a state file, with one clear error for a file that is not a readable .npz."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except _READ_ERRORS as exc:
+        raise _damaged(path, exc) from exc
+    if not isinstance(data, np.lib.npyio.NpzFile) or "meta" not in data.files:
+        if isinstance(data, np.lib.npyio.NpzFile):
+            data.close()
+        raise KalmanStateError(
+            f"{_named(path)} is not a Kalman state file: it holds no 'meta' entry "
+            "(an array file written by something else?)"
+        )
+    return data
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a state file, without reading P."""
     path = Path(path)
     if not path.is_file():
-        raise KalmanStateError(f"Kalman state {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
+        raise KalmanStateError(f"Kalman state {_named(path)} does not exist")
+    with _open(path) as data:
+        try:
             meta = json.loads(bytes(data["meta"]).decode())
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise KalmanStateError(f"{path} is not a Kalman state file ({exc})") from exc
-    if meta.get("format") != FORMAT:
+        except _READ_ERRORS as exc:
+            raise _damaged(path, exc) from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise KalmanStateError(
-            f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}"
+            f"{_named(path)} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+            f"expected {FORMAT!r}"
         )
     return meta
 
@@ -90,16 +125,19 @@ def load_state(
     meta = read_meta(path)
     saved_layout = BlockLayout.from_dict(meta["layout"])
     if saved_layout.fingerprint != meta["fingerprint"]:
-        raise KalmanStateError(f"{path}: layout fingerprint does not match its layout")
+        raise KalmanStateError(f"{_named(path)} is damaged: its layout fingerprint does not match its layout")
     if layout is not None:
         layout.check_same(saved_layout, what=f"Kalman state {path}")
     kf = KalmanFilter(saved_layout, FilterOptions(**meta["options"]))
-    with np.load(path, allow_pickle=False) as data:
+    with _open(path) as data:
         for i, m in enumerate(saved_layout.block_sizes):
-            S = data[f"P_{i:03d}"]
+            try:
+                S = data[f"P_{i:03d}"]
+            except _READ_ERRORS as exc:
+                raise _damaged(path, exc) from exc
             if S.shape != (m, m) or S.dtype != kf.dtype:
                 raise KalmanStateError(
-                    f"{path}: block {i} has shape {S.shape} and type {S.dtype}, "
+                    f"{_named(path)}: block {i} has shape {S.shape} and type {S.dtype}, "
                     f"expected {(m, m)} {kf.dtype}"
                 )
             kf.blocks[i] = np.asfortranarray(S)
