@@ -18,14 +18,37 @@ from .test_dpgen_params import PARAM
 ALKPU = str(Path(sys.executable).parent / "alkpu")
 
 
-def make_workdir(root: Path, **changes) -> Path:
+def make_workdir(root: Path, *, substitute: dict | None = None, type_map: list | None = None,
+                 descriptor: dict | None = None, fitting_net: dict | None = None, **changes) -> Path:
+    """A DP-GEN run directory on fcc Cu-32: 20 EMT frames at 300 K, the lattice as POSCAR,
+    test_dpgen_params.PARAM in kpu mode with short training and exploration, a Shell machine.
+
+    ``substitute`` (e.g. ``{"Ni": 0.5}``) makes it a random alloy (data and POSCAR share the
+    species of every site) with ``type_map`` (default: Cu, then the substitutes) and its masses;
+    ``descriptor`` / ``fitting_net`` update those keys of the model; other keywords replace
+    top-level keys of param.json (None: leave the key out).
+    """
+    from ase.data import atomic_masses, atomic_numbers
+
     from alkpu_plugin.reference import fcc_cell, md_frames
 
     root.mkdir(parents=True, exist_ok=True)
-    md_frames(300, 20, seed=1).to("deepmd/npy", str(root / "data" / "init"))
+    type_map = list(type_map or ["Cu", *(substitute or {})])
+    init = md_frames(300, 20, seed=1, substitute=substitute, type_map=type_map)
+    init.to("deepmd/npy", str(root / "data" / "init"))
     (root / "confs").mkdir()
-    dpdata.System(fcc_cell("Cu", 2), fmt="ase/structure").to("vasp/poscar", str(root / "confs" / "POSCAR"))
+    lattice = fcc_cell("Cu", 2)
+    if substitute:  # md_frames keeps the lattice's atom order: the data's species, site by site
+        lattice.set_chemical_symbols([init["atom_names"][t] for t in init["atom_types"]])
+    poscar = dpdata.System(lattice, fmt="ase/structure")
+    poscar.sort_atom_names(type_map=type_map)
+    poscar.to("vasp/poscar", str(root / "confs" / "POSCAR"))
     p = copy.deepcopy(PARAM)
+    if type_map != PARAM["type_map"]:
+        p["type_map"] = type_map
+        p["mass_map"] = [round(float(atomic_masses[atomic_numbers[e]]), 3) for e in type_map]
+    p["default_training_param"]["model"]["descriptor"].update(descriptor or {})
+    p["default_training_param"]["model"]["fitting_net"].update(fitting_net or {})
     p["uncertainty"] = "kpu"
     p["default_training_param"]["training"].update({"numb_steps": 50, "disp_freq": 25, "save_freq": 50})
     p["fp_params"] = {"input_fmt": "deepmd/npy", "input_fn": "input",
