@@ -50,6 +50,7 @@ def make_workdir(root: Path, *, substitute: dict | None = None, type_map: list |
     p["default_training_param"]["model"]["descriptor"].update(descriptor or {})
     p["default_training_param"]["model"]["fitting_net"].update(fitting_net or {})
     p["uncertainty"] = "kpu"
+    p["check_interval"] = 2  # dpdispatcher polls every 2 s instead of 30 (jobs here take seconds)
     p["default_training_param"]["training"].update({"numb_steps": 50, "disp_freq": 25, "save_freq": 50})
     p["fp_params"] = {"input_fmt": "deepmd/npy", "input_fn": "input",
                       "output_fmt": "deepmd/npy", "output_fn": "labelled"}

@@ -173,14 +173,18 @@ def test_committee_mode_writes_what_dpgen_run_writes(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
     for key, value in {**QUIET_ENV, "TF_CPP_MIN_LOG_LEVEL": "3"}.items():
         monkeypatch.setenv(key, value)
+    from alkpu_plugin.dpgen.stages import check_interval
+
     common = {"numb_models": 2, "fp_task_max": 2}
-    a = make_workdir(tmp_path / "dpgen", uncertainty=None, **common)
+    # DP-GEN's own run knows no check_interval key: the same 2 s polling is set around it
+    a = make_workdir(tmp_path / "dpgen", uncertainty=None, check_interval=None, **common)
     b = make_workdir(tmp_path / "alkpu", uncertainty="committee", **common)
     for root, go in ((a, run_iter), (b, run)):
         monkeypatch.chdir(root)
         random.seed(7)  # DP-GEN draws training seeds and shuffles candidates with these
         np.random.seed(7)
-        go("param.json", "machine.json")
+        with check_interval(2):
+            go("param.json", "machine.json")
     skip = ("train.log", "model_devi.log", "output", "checkpoint")
     files_a = sorted(p.relative_to(a) for p in a.glob("iter.*/**/*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.glob("iter.*/**/*") if p.is_file())
