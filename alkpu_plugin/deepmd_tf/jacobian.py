@@ -208,10 +208,13 @@ class ModelJacobian:
         return self._run_virial_rows(feed)
 
     def _run_virial_rows(self, feed) -> np.ndarray:
+        return self.sess.run(self._virial_rows_tensor(), feed_dict=feed)
+
+    def _virial_rows_tensor(self):
         if self._virial_rows is None:
             with self.graph.as_default():
                 self._virial_rows = self._make_virial_rows()
-        return self.sess.run(self._virial_rows, feed_dict=feed)
+        return self._virial_rows
 
     def force_rows(self, frame: Frame, components: np.ndarray | None = None,
                    energy: bool = False, virial: bool = False) -> np.ndarray:
@@ -227,16 +230,19 @@ class ModelJacobian:
         comps = self._sorted_components(order, components)
         head = int(energy) + NVIRIAL * int(virial)
         out = np.empty((comps.size + head, self.layout.n))
-        if energy:
-            out[0] = self.sess.run(self._energy_row, feed_dict=feed)
-        if virial:
-            out[int(energy):head] = self._run_virial_rows(feed)
+        # the energy and virial rows: fetched in the structure's per-frame evaluation, or here
+        extra = ([self._energy_row] if energy else []) + ([self._virial_rows_tensor()] if virial else [])
         force = out[head:]
         if self._structure is not None and self.use_structured:
-            if self._structure.fill(self.sess, dict(feed), comps, force, self.rows_per_pass,
-                                    None if self._checked else self._check):
+            done, values = self._structure.fill(self.sess, dict(feed), comps, force, self.rows_per_pass,
+                                                None if self._checked else self._check, extra)
+            if values:
+                out[:head] = np.vstack(values)
+            if done:
                 self._checked = True
                 return out
+        elif extra:
+            out[:head] = np.vstack(self.sess.run(extra, feed_dict=feed))
         if self._rows is None:
             with self.graph.as_default():
                 self._rows = self._make_rows()

@@ -52,12 +52,15 @@ class StructuredRows:
         raise NotImplementedError
 
     def fill(self, sess, feed: dict, comps: np.ndarray, out: np.ndarray, rows_per_pass: int,
-             check=None) -> bool:
+             check=None, extra=()) -> tuple[bool, list]:
         """Write dF_c/dw for the sorted-order components ``comps`` into ``out`` (m, n).
 
-        ``check(feed, mine, chunk)``, when given, is called once with the feed and
-        the forces this structure gives for the first chunk; when it returns False
-        ``fill`` stops and returns False (the caller then makes every row).
+        ``extra`` tensors (the energy and virial rows) are fetched in the same
+        per-frame evaluation; their values are returned with whether the rows were
+        made. ``check(feed, mine, chunk)``, when given, is called once with the feed
+        and the forces this structure gives for the first chunk; when it returns
+        False ``fill`` stops and returns (False, values) (the caller then makes every
+        force row).
         """
         raise NotImplementedError
 

@@ -530,15 +530,15 @@ class SeARows(StructuredRows):
                         [C, -1]) for n, w in zip(layout.names, weights)], axis=1)
 
     # ------------------------------------------------------------ numpy side
-    def fill(self, sess, feed, comps, out, rows_per_pass, check=None):
+    def fill(self, sess, feed, comps, out, rows_per_pass, check=None, extra=()):
         """Force rows of ``comps`` into ``out``; see :meth:`StructuredRows.fill`.
 
         Once per frame: the neighbour list, dT/dw_e, and the environment,
-        embedding and dE/dT (fed back to every chunk of components).
+        embedding and dE/dT (fed back to every chunk of components), with ``extra``.
         """
         jac = [[K for _, _, K in net] for net in self._net_blocks]
-        nlist, atype, blocks, per_frame = sess.run([self.nlist, self.atype, jac, self.frame_tensors],
-                                                   feed_dict=feed)
+        nlist, atype, blocks, per_frame, extra_values = sess.run(
+            [self.nlist, self.atype, jac, self.frame_tensors, list(extra)], feed_dict=feed)
         feed.update(zip(self.frame_tensors, per_frame))
         starts = np.concatenate([[0], np.cumsum(np.bincount(atype, minlength=self.ntypes))])
         for start in range(0, comps.size, rows_per_pass):
@@ -554,7 +554,7 @@ class SeARows(StructuredRows):
                 feed.update(zip(holders, self._compact(pi, pj, pw, keep)))
             if check is not None and start == 0:
                 if not check(feed, sess.run(self.forces, feed_dict=feed), chunk):
-                    return False
+                    return False, extra_values
             rows, V = sess.run([self.rows, self.V], feed_dict=feed)
             for (ti, _, _, _), net, values in zip(self.nets, self._net_blocks, blocks):
                 Vn = V if ti is None else V.reshape(V.shape[0], -1, V.shape[1] // nlist.shape[0])[
@@ -562,7 +562,7 @@ class SeARows(StructuredRows):
                 self.add_dense(rows, Vn, [(name, kind, K) for (name, kind, _), K in zip(net, values)],
                                self._offsets)
             out[start : start + chunk.size] = rows
-        return True
+        return True, extra_values
 
     @staticmethod
     def _compact(pi, pj, pw, keep):
