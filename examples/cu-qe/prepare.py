@@ -91,13 +91,19 @@ def label(system, param: dict, machine: dict, workdir: Path):
 
 
 def prepare(rundir, frames: int = 4, temperature: float = 600.0, seed: int = 0,
-            param: dict | None = None, machine: dict | None = None) -> Path:
-    """Write a complete run directory (param.json, machine.json, confs/POSCAR, data/init)."""
+            param: dict | None = None, machine: dict | None = None,
+            start=None, md_options: dict | None = None, examples=None) -> Path:
+    """Write a complete run directory (param.json, machine.json, confs/POSCAR, data/init).
+
+    ``start`` (a dpdata System, default the 4-atom Cu cell) is written as confs/POSCAR;
+    ``md_options`` go to :func:`alkpu_plugin.reference.md_frames`, whose frames pw.x labels;
+    ``examples`` (a ``load_example`` function) gives the default param and machine.
+    """
     import dpdata
 
     from alkpu_plugin.reference import fcc_cell, md_frames
 
-    example_param, example_machine = load_example()
+    example_param, example_machine = (examples or load_example)()
     param = example_param if param is None else param
     machine = example_machine if machine is None else machine
     check_qe(param)
@@ -107,9 +113,12 @@ def prepare(rundir, frames: int = 4, temperature: float = 600.0, seed: int = 0,
     (rundir / "machine.json").write_text(json.dumps(machine, indent=4))
     (rundir / "remote").mkdir(exist_ok=True)
     (rundir / "confs").mkdir(exist_ok=True)
-    dpdata.System(fcc_cell("Cu", 1), fmt="ase/structure").to("vasp/poscar", str(rundir / "confs" / "POSCAR"))
+    if start is None:
+        start = dpdata.System(fcc_cell("Cu", 1), fmt="ase/structure")
+    start.to("vasp/poscar", str(rundir / "confs" / "POSCAR"))
     # structures only: EMT moves the atoms, pw.x gives the labels
-    structures = md_frames(temperature, frames, size=1, interval=5, equilibrate=20, seed=seed)
+    structures = md_frames(temperature, frames, **{"size": 1, "interval": 5, "equilibrate": 20, "seed": seed,
+                                                   **(md_options or {})})
     structures = dpdata.System(data={k: structures.data[k] for k in
                                      ("atom_names", "atom_numbs", "atom_types", "orig", "cells", "coords")})
     labelled = label(structures, param, machine, rundir / "init-labels")

@@ -65,31 +65,11 @@ def starting_structure(seed: int = 2):
 
 def prepare(rundir, frames: int = 4, temperature: float = 600.0, seed: int = 0,
             param: dict | None = None, machine: dict | None = None) -> Path:
-    """Write a complete run directory (param.json, machine.json, confs/POSCAR, data/init)."""
-    import dpdata
-
-    from alkpu_plugin.reference import md_frames
-
-    qe = cu_qe()
-    example_param, example_machine = load_example()
-    param = example_param if param is None else param
-    machine = example_machine if machine is None else machine
-    qe.check_qe(param)
-    rundir = Path(rundir)
-    rundir.mkdir(parents=True, exist_ok=True)
-    (rundir / "param.json").write_text(json.dumps(param, indent=4))
-    (rundir / "machine.json").write_text(json.dumps(machine, indent=4))
-    (rundir / "remote").mkdir(exist_ok=True)
-    (rundir / "confs").mkdir(exist_ok=True)
-    starting_structure().to("vasp/poscar", str(rundir / "confs" / "POSCAR"))
-    # structures only: EMT moves the atoms, pw.x gives the labels
-    structures = md_frames(temperature, frames, size=1, a=A, substitute={"Ni": 0.5}, type_map=TYPE_MAP,
-                           interval=5, equilibrate=20, seed=seed)
-    structures = dpdata.System(data={k: structures.data[k] for k in
-                                     ("atom_names", "atom_numbs", "atom_types", "orig", "cells", "coords")})
-    labelled = qe.label(structures, param, machine, rundir / "init-labels")
-    labelled.to("deepmd/npy", str(rundir / param["init_data_prefix"] / param["init_data_sys"][0]))
-    return rundir
+    """Write a complete run directory (param.json, machine.json, confs/POSCAR, data/init):
+    examples/cu-qe's preparation with this example's files, alloy frames and starting cell."""
+    return cu_qe().prepare(rundir, frames, temperature, seed, param, machine, start=starting_structure(),
+                           md_options={"a": A, "substitute": {"Ni": 0.5}, "type_map": TYPE_MAP},
+                           examples=load_example)
 
 
 def main() -> None:
