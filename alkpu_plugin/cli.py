@@ -40,6 +40,7 @@ def cmd_kpu(args) -> int:
         if not args.model or not args.system:
             raise SystemExit("alkpu kpu: error: --model and --system are needed (or --merge PARTS)")
         engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass,
+                           memory_limit=args.memory_limit,
                            density_factor=args.density_factor)
         system, steps = load_configurations(args.system, args.fmt, engine.type_map)
         result = engine.compute(system, frames=_frames_arg(args.frames), steps=steps)
@@ -67,7 +68,7 @@ def cmd_calibrate(args) -> int:
     from .calibration import calibrate, deciles, save_calibration
     from .kpu_engine import KPUEngine
 
-    engine = KPUEngine(args.model, args.kalman_state, seed=args.seed)
+    engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, memory_limit=args.memory_limit)
     system = dpdata.LabeledSystem(args.system, fmt=args.fmt)
     cal, kpu, sq = calibrate(engine, system)
     path = save_calibration(engine.state_path, cal)
@@ -113,6 +114,7 @@ def cmd_lmp_kpu(args) -> int:
     from .runfiles import TIMING_FILE
 
     engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass,
+                           memory_limit=args.memory_limit,
                        density_factor=args.density_factor)
     source = Path("traj") if Path("traj").is_dir() else Path("all.lammpstrj")
     system, steps = load_configurations(source, "lammps/dump", engine.type_map)
@@ -153,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", help="only frames START:STOP (for splitting a trajectory into tasks)")
     p.add_argument("--merge", nargs="+", help="merge --detail files of parts instead of computing")
     p.add_argument("--seed", type=int, default=0, help="seed of the paper's N/2 atom draw")
-    p.add_argument("--rows-per-pass", type=int, default=96, help="force components per graph evaluation (memory vs speed)")
+    p.add_argument("--rows-per-pass", type=int, default=None,
+                   help="force components per graph evaluation (default: as many as --memory-limit allows)")
+    p.add_argument("--memory-limit", type=float, default=None,
+                   help="GB the KPU of a frame may use beyond the model, P and the frame's arrays (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--density-factor", type=float, default=None,
                    help="frames whose density lies beyond the training range by more than this factor "
@@ -166,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--system", required=True, help="labelled frames to fit on")
     p.add_argument("-f", "--fmt", default="deepmd/npy")
     p.add_argument("--holdout", help="labelled frames for the per-decile check")
+    p.add_argument("--memory-limit", type=float, default=None, help="as in `alkpu kpu`")
     p.add_argument("--report", help="write the JSON report here too")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_calibrate)
@@ -179,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--kalman-state")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rows-per-pass", type=int, default=96)
+    p.add_argument("--rows-per-pass", type=int, default=None)
+    p.add_argument("--memory-limit", type=float, default=None, help="as in `alkpu kpu`")
     p.add_argument("--relative-to", type=float, help="write frame KPU / this value (KPU_train) instead of sigma")
     p.add_argument("--select-hook", help='"module:function" giving the values to write (see kpu/select_hook)')
     p.add_argument("--density-factor", type=float, default=None, help="as in `alkpu kpu`")

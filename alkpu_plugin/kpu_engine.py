@@ -213,7 +213,11 @@ class KPUEngine:
     seed
         Seed of the paper's atom draw.
     rows_per_pass
-        Force components per graph evaluation (memory vs speed).
+        Force components per graph evaluation; ``None`` (default): as many as fit
+        ``memory_limit``.
+    memory_limit
+        GB the rows and their quadratic forms may use beyond the model, P and the
+        frame's own arrays (default 2).
     calibration
         A calibration dict, or ``None`` to use the one stored beside the state.
     factorize
@@ -222,18 +226,25 @@ class KPUEngine:
         state is only read, never saved).
     """
 
-    def __init__(self, model, kalman_state=None, *, seed: int = 0, rows_per_pass: int = 96,
+    def __init__(self, model, kalman_state=None, *, seed: int = 0, rows_per_pass: int | None = None,
+                 memory_limit: float | None = None,
                  calibration: dict | None = None, factorize: bool = True, virial: bool = True,
                  density_factor: float | None = None):
         from .calibration import load_calibration
         from .deepmd_tf.frozen import find_kalman_state
-        from .deepmd_tf.jacobian import ModelJacobian
+        from .deepmd_tf.jacobian import DEFAULT_MEMORY_GB, ModelJacobian
         from .domain import DEFAULT_DENSITY_FACTOR
 
         self.model = Path(model)
         self.state_path = find_kalman_state(model, kalman_state)
         self.kf, self.extra = load_state(self.state_path)
-        self.jacobian = ModelJacobian(model, self.kf.layout, rows_per_pass=rows_per_pass)
+        self.memory_limit = DEFAULT_MEMORY_GB if memory_limit is None else float(memory_limit)
+        if self.memory_limit <= 0:
+            raise InputError(f"memory_limit must be a positive number of GB, got {memory_limit}")
+        # the rows' intermediates get two thirds of the budget, the rows awaiting their
+        # quadratic forms the rest
+        self.jacobian = ModelJacobian(model, self.kf.layout, rows_per_pass=rows_per_pass,
+                                      memory_limit=self.memory_limit * 2 / 3)
         self.seed = int(seed)
         self.factorize = bool(factorize)
         self.virial = bool(virial)
@@ -268,11 +279,34 @@ class KPUEngine:
         return idx, [Frame(c, None if nopbc else b, atype) for c, b in zip(coords, cells)]
 
     def frame_kpu(self, frame, index: int) -> FrameKPU:
-        """KPU of one frame: energy, virial (unless switched off) and every force component."""
-        # one array of rows, so P is read once for all of them
-        rows = self.jacobian.force_rows(frame, energy=True, virial=self.virial)
-        kpu = kpu_math.component_kpu(self.kf, rows)
+        """KPU of one frame: energy, virial (unless switched off) and every force component.
+
+        Rows are streamed: chunks from the jacobian are gathered up to a batch of
+        rows (a third of ``memory_limit``), and each batch's quadratic forms read
+        every block of P once.
+        """
         head = 1 + (9 if self.virial else 0)
+        kpu = np.empty(head + 3 * frame.atype.size)
+        batch = max(1, int(self.memory_limit * 1e9 / 3 // (8 * self.kf.layout.n)))
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush():
+            rows = np.vstack([r for _, r in pending])
+            values = kpu_math.component_kpu(self.kf, rows, rows_per_pass=rows.shape[0])
+            at = 0
+            for start, r in pending:
+                kpu[start : start + r.shape[0]] = values[at : at + r.shape[0]]
+                at += r.shape[0]
+            pending.clear()
+
+        def sink(start, rows):
+            pending.append((start, rows))
+            if sum(r.shape[0] for _, r in pending) >= batch:
+                flush()
+
+        self.jacobian.rows_into(frame, sink, energy=True, virial=self.virial)
+        if pending:
+            flush()
         comp = kpu[head:]
         atoms = kpu_math.paper_atoms(frame.atype.size, self.seed, index)
         return FrameKPU(kpu_math.paper_force_kpu(comp, atoms), comp, float(kpu[0]),

@@ -181,3 +181,68 @@ def test_unused_variables_stay_out_of_the_kalman_layout(models):
     assert set(names) <= consts
     assert not any("idt_1_" in n for n in names)  # the unused first-layer idt
     assert any("idt_2_" in n for n in names)  # the used ones stay
+
+
+# ------------------------------------------------------------------ chunks and large frames
+def _alloy_frame(repeat, seed=0):
+    """A displaced fcc Cu-Ni 50/50 cell of 4 * prod(repeat) atoms, as the engine's Frame."""
+    from ase.build import bulk
+
+    from alkpu_plugin.deepmd_tf.jacobian import Frame
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+    rng = np.random.default_rng(seed)
+    atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
+    types = np.zeros(len(atoms), np.int32)
+    types[rng.permutation(len(atoms))[: len(atoms) // 2]] = 1
+    return Frame(atoms.positions, np.array(atoms.cell), types)
+
+
+@pytest.mark.parametrize("name", ["se_e2_a", "combined"])
+def test_chunked_rows_and_a_tiny_memory_budget_give_the_same_numbers(name, models):
+    """Rows streamed in chunks of any size, and the KPU under a memory limit that allows
+    one component per graph evaluation and one row per quadratic form, equal the rows and
+    KPU made in one piece (the combined case: type_one_side, exclude_types, resnet_dt)."""
+    from alkpu_plugin.kpu_engine import KPUEngine
+
+    frame = _alloy_frame((3, 3, 3))
+    engine = KPUEngine(models(name), seed=2)
+    jac = engine.jacobian
+    jac.rows_per_pass = 3 * 108  # every component in one graph evaluation
+    whole = jac.force_rows(frame, energy=True, virial=True)
+    assert jac.path == "se_e2_a structure"
+    reference = engine.frame_kpu(frame, 0)
+    for rows_per_pass in (1, 7, 50):
+        jac.rows_per_pass = rows_per_pass
+        assert _rel(jac.force_rows(frame, energy=True, virial=True), whole) <= 1e-12
+    jac.rows_per_pass = None
+    tiny = KPUEngine(models(name), seed=2, memory_limit=1e-6)
+    assert tiny.jacobian._structure.chunk_size(80, 150, tiny.jacobian.memory_limit * 1e9) == 1
+    assert _rel(tiny.jacobian.force_rows(frame, energy=True, virial=True), whole) <= 1e-12
+    one = tiny.frame_kpu(frame, 0)
+    assert _rel(one.components, reference.components) <= 1e-12
+    assert _rel(one.virial, reference.virial) <= 1e-12
+    assert one.energy == pytest.approx(reference.energy, rel=1e-12)
+    assert one.force == pytest.approx(reference.force, rel=1e-12)
+
+
+def test_a_500_atom_two_species_frame(models):
+    """KPU of every component of a 500-atom Cu-Ni frame through the structured rows, whose
+    force rows equal the brute-force path's and virial rows generic autodiff's."""
+    from alkpu_plugin.kpu_engine import KPUEngine
+
+    frame = _alloy_frame((5, 5, 5), seed=3)
+    engine = KPUEngine(models("type_one_side"), seed=2)
+    jac = engine.jacobian
+    comps = np.array([0, 3 * 131 + 1, 3 * 250 + 2, 3 * 499])
+    assert set(frame.atype[comps // 3]) == {0, 1}
+    rows = jac.force_rows(frame, comps, virial=True)
+    assert jac.path == "se_e2_a structure"
+    brute = np.array([jac.force_row_bruteforce(frame, int(c)) for c in comps])
+    assert _rel(rows[9:], brute) <= 1e-10
+    feed, _ = jac._feed(frame)
+    assert _rel(rows[:9], jac._run_virial_rows(feed)) <= 1e-10  # generic autodiff
+    one = engine.frame_kpu(frame, 0)
+    assert one.components.shape == (1500,) and np.all(one.components > 0)
+    assert np.all(np.isfinite(one.virial)) and one.energy > 0
+    engine.jacobian.close()

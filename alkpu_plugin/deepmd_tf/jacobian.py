@@ -32,7 +32,10 @@ from ..kalman import BlockLayout
 from . import rows as row_builders
 from .frozen import _const, _graph_def, frozen_weights
 
-__all__ = ["ModelJacobian", "Frame", "TypeMapError", "NVIRIAL"]
+__all__ = ["ModelJacobian", "Frame", "TypeMapError", "NVIRIAL", "DEFAULT_MEMORY_GB"]
+
+#: GB the row computation may use by default, beyond the model and the frame's arrays
+DEFAULT_MEMORY_GB = 2.0
 
 #: rows of the virial: its nine components W_ab, a-major (DeePMD-kit's order)
 NVIRIAL = 9
@@ -61,21 +64,27 @@ class ModelJacobian:
     layout
         The Kalman layout of the model's trainable weights.
     rows_per_pass
-        Force components per graph evaluation (memory vs speed).
+        Force components per graph evaluation; ``None``: as many as keep the
+        evaluation's intermediates within ``memory_limit``.
+    memory_limit
+        GB the row computation may use beyond the model and the frame's own
+        arrays (the structured path's chunks are sized to it; the generic path's
+        from an estimate).
     structured
         Use a registered descriptor structure (:mod:`.rows`) when one serves the
         model (``structured_reason`` says why not, ``None`` when one is used);
         ``False`` forces generic autodiff.
     """
 
-    def __init__(self, model_path: str | os.PathLike, layout: BlockLayout, rows_per_pass: int = 96,
-                 structured: bool = True):
+    def __init__(self, model_path: str | os.PathLike, layout: BlockLayout, rows_per_pass: int | None = None,
+                 structured: bool = True, memory_limit: float = DEFAULT_MEMORY_GB):
         from tensorflow.python.ops.parallel_for.control_flow_ops import pfor
 
         import deepmd.tf  # noqa: F401  (loads DeePMD-kit's custom ops)
 
         self.layout = layout
-        self.rows_per_pass = int(rows_per_pass)
+        self.rows_per_pass = None if rows_per_pass is None else max(1, int(rows_per_pass))
+        self.memory_limit = float(memory_limit)
         graph_def = _graph_def(model_path)
         values = frozen_weights(model_path, layout.names)
         tmap = _const(graph_def, "model_attr/tmap")
@@ -131,6 +140,7 @@ class ModelJacobian:
             else:
                 self.structured_reason = "switched off"
             self._checked, self.use_structured = False, True
+            self._structured_virial, self._virial_checked = self._structure is not None, False
         self._weight_feed = dict(zip(self._weights, values))
         config = default_tf_session_config
         self.sess = tf.Session(graph=self.graph, config=config)
@@ -204,8 +214,7 @@ class ModelJacobian:
 
     def virial_rows(self, frame: Frame) -> np.ndarray:
         """dW_ab/dw for the nine virial components, shape (9, n)."""
-        feed, _ = self._feed(frame)
-        return self._run_virial_rows(feed)
+        return self.force_rows(frame, np.zeros(0, np.int64), virial=True)
 
     def _run_virial_rows(self, feed) -> np.ndarray:
         return self.sess.run(self._virial_rows_tensor(), feed_dict=feed)
@@ -221,36 +230,76 @@ class ModelJacobian:
         """dF_c/dw for the flat force components c (default: all 3N), shape (m, n).
 
         With ``energy`` the first row is dE/dw, with ``virial`` the next nine are
-        dW_ab/dw (a-major), then the force rows: one array, so that one
-        quadratic-form call reads P once for all of them.
+        dW_ab/dw (a-major), then the force rows (:meth:`rows_into` streams them
+        instead of holding them all).
+        """
+        ncomp = 3 * frame.atype.size if components is None else len(components)
+        out = np.empty((ncomp + int(energy) + NVIRIAL * int(virial), self.layout.n))
+
+        def sink(start, rows):
+            out[start : start + rows.shape[0]] = rows
+
+        self.rows_into(frame, sink, components, energy, virial)
+        return out
+
+    def rows_into(self, frame: Frame, sink, components: np.ndarray | None = None,
+                  energy: bool = False, virial: bool = False) -> int:
+        """Hand every row of :meth:`force_rows` to ``sink(start, rows)``, a chunk at a time.
+
+        ``rows`` (m, n) are the rows ``start .. start + m`` of :meth:`force_rows`'
+        array; chunks come in no fixed order, each row once. Returns the number of
+        rows. Memory: a chunk's rows and the evaluation's intermediates
+        (``rows_per_pass`` or ``memory_limit``), never the whole array.
         """
         feed, order = self._feed(frame)
         if components is None:
             components = np.arange(3 * order.size)
         comps = self._sorted_components(order, components)
         head = int(energy) + NVIRIAL * int(virial)
-        out = np.empty((comps.size + head, self.layout.n))
-        # the energy and virial rows: fetched in the structure's per-frame evaluation, or here
-        extra = ([self._energy_row] if energy else []) + ([self._virial_rows_tensor()] if virial else [])
-        force = out[head:]
+        budget = self.memory_limit * 1e9
+
+        def force_sink(start, rows):
+            sink(head + start, rows)
+
         if self._structure is not None and self.use_structured:
-            done, values = self._structure.fill(self.sess, dict(feed), comps, force, self.rows_per_pass,
-                                                None if self._checked else self._check, extra)
+            # the energy row (and the generic virial rows, where the structure's were refused)
+            # come in the structure's per-frame evaluation
+            own_virial = virial and self._structured_virial
+            extra = ([self._energy_row] if energy else []) + \
+                ([self._virial_rows_tensor()] if virial and not own_virial else [])
+            done, values, vir = self._structure.fill(
+                self.sess, dict(feed), comps, force_sink, budget, self.rows_per_pass,
+                None if self._checked else self._check, extra, own_virial,
+                None if self._virial_checked else (lambda value: self._check_virial(feed, value)))
+            if own_virial:
+                if vir is None:  # refused by its check, or the structure's forces were: generic rows
+                    vir = self._run_virial_rows(feed)
+                else:
+                    self._virial_checked = True
+                values = values + [vir]
             if values:
-                out[:head] = np.vstack(values)
+                sink(0, np.vstack(values))
             if done:
-                self._checked = True
-                return out
-        elif extra:
-            out[:head] = np.vstack(self.sess.run(extra, feed_dict=feed))
+                self._checked = self._checked or comps.size > 0
+                return comps.size + head
+        elif energy or virial:
+            extra = ([self._energy_row] if energy else []) + ([self._virial_rows_tensor()] if virial else [])
+            sink(0, np.vstack(self.sess.run(extra, feed_dict=feed)))
         if self._rows is None:
             with self.graph.as_default():
                 self._rows = self._make_rows()
-        for start in range(0, comps.size, self.rows_per_pass):
-            chunk = comps[start : start + self.rows_per_pass]
+        step = self.rows_per_pass or self.generic_rows_per_pass(order.size)
+        for start in range(0, comps.size, step):
+            chunk = comps[start : start + step]
             feed[self._components] = chunk
-            force[start : start + chunk.size] = self.sess.run(self._rows, feed_dict=feed)
-        return out
+            force_sink(start, self.sess.run(self._rows, feed_dict=feed))
+        return comps.size + head
+
+    def generic_rows_per_pass(self, natoms: int) -> int:
+        """Components per vectorised backward pass within ``memory_limit``: an estimate
+        (the intermediates of one component's pass grow with the atoms; about 1.5 MB
+        per atom was measured for se_e2_a at the paper model's size)."""
+        return int(max(1, min(96, self.memory_limit * 1e9 // (1.5e6 * max(1, natoms)))))
 
     def _check(self, feed, mine, chunk) -> bool:
         """The structure's forces against the frozen graph's; a mismatch switches it off."""
@@ -263,6 +312,17 @@ class ModelJacobian:
         self.structured_reason = f"the {name}'s forces differ from the frozen graph's"
         warnings.warn(f"structured force rows disabled: {self.structured_reason}; "
                       "using generic autodiff", RuntimeWarning)
+        return False
+
+    def _check_virial(self, feed, value) -> bool:
+        """The structure's virial against the frozen graph's; a mismatch switches its rows off."""
+        graph = self.sess.run(self._virial, feed_dict=feed)
+        scale = max(float(np.abs(graph).max()), 1e-300)
+        if np.abs(value - graph).max() <= 1e-9 * scale:
+            return True
+        self._structured_virial = False
+        warnings.warn(f"the {self._structure.name}'s virial differs from the frozen graph's; "
+                      "virial rows by generic autodiff", RuntimeWarning)
         return False
 
     def force_row_bruteforce(self, frame: Frame, component: int) -> np.ndarray:

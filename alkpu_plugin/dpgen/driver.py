@@ -224,10 +224,18 @@ def kpu_mdata(ii: int, jdata: dict, mdata: dict, kpu: dict) -> dict:
         relative += f"--select-hook {shlex.quote(kpu['select_hook'])} "
     md["model_devi_command"] = (
         f"alkpu lmp-kpu --lmp {shlex.quote(lmp)} --model ../graph.000.pb --kalman-state {STATE_LINK} "
-        f"--seed {int(kpu.get('seed', 0))} --rows-per-pass {int(kpu.get('rows_per_pass', 96))} "
+        f"--seed {int(kpu.get('seed', 0))} {_memory_args(kpu)}"
         f"--density-factor {float(kpu.get('density_factor', 1.3))!r} {relative}--"
     )
     return md
+
+
+def _memory_args(kpu: dict) -> str:
+    """`alkpu lmp-kpu` options for the rows' chunks: the memory limit, rows_per_pass if set."""
+    out = f"--memory-limit {float(kpu.get('memory_limit', 2.0))!r} "
+    if kpu.get("rows_per_pass"):
+        out += f"--rows-per-pass {int(kpu['rows_per_pass'])} "
+    return out
 
 
 def _training_skipped(ii: int) -> bool:
@@ -363,7 +371,7 @@ def _kpu_train(ii: int, jdata: dict, train_dir: Path, kpu: dict) -> None:
     from ..kpu_engine import KPUEngine
 
     engine = KPUEngine(train_dir / "graph.000.pb", train_dir / STATE_LINK, seed=int(kpu.get("seed", 0)),
-                       rows_per_pass=int(kpu.get("rows_per_pass", 96)))
+                       rows_per_pass=kpu.get("rows_per_pass"), memory_limit=kpu.get("memory_limit"))
     want = int(kpu.get("kpu_train_frames", 20))
     values = []
     for system in reversed(_training_systems(ii, jdata)):  # newest data first
@@ -385,7 +393,7 @@ def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int
     from ..kpu_engine import KPUEngine
 
     engine = KPUEngine(train_dir / "graph.000.pb", train_dir / STATE_LINK, seed=int(kpu.get("seed", 0)),
-                       rows_per_pass=int(kpu.get("rows_per_pass", 96)))
+                       rows_per_pass=kpu.get("rows_per_pass"), memory_limit=kpu.get("memory_limit"))
     kpus, errs, vkpus, verrs = [], [], [], []
     rng = np.random.default_rng([int(kpu.get("seed", 0)), ii])
     systems = _training_systems(ii, jdata)

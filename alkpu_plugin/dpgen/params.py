@@ -91,9 +91,13 @@ def kpu_arguments() -> list[Argument]:
                  "divided by this factor, or above its highest times it, are outside the model's "
                  "domain: written as failed to model_devi.out (as are frames with an atom that has no "
                  "neighbour inside rcut). 0 switches the density check off."),
-        Argument("rows_per_pass", int, optional=True, default=96,
-                 extra_check=lambda x: x > 0, extra_check_errmsg="rows_per_pass must be positive",
-                 doc="Force components per graph evaluation (memory vs speed)."),
+        Argument("rows_per_pass", [int, None], optional=True, default=None,
+                 extra_check=lambda x: x is None or x > 0, extra_check_errmsg="rows_per_pass must be positive",
+                 doc="Force components per graph evaluation; default: as many as memory_limit allows."),
+        Argument("memory_limit", [int, float], optional=True, default=2.0,
+                 extra_check=lambda x: x > 0, extra_check_errmsg="memory_limit must be a positive number of GB",
+                 doc="GB the KPU of a frame may use beyond the model, P and the frame's own arrays "
+                 "(chunks of force rows and their quadratic forms are sized to it)."),
     ]
 
 

@@ -51,16 +51,18 @@ class StructuredRows:
     def __init__(self, graph_def, layout, weights, get, script: dict):
         raise NotImplementedError
 
-    def fill(self, sess, feed: dict, comps: np.ndarray, out: np.ndarray, rows_per_pass: int,
-             check=None, extra=()) -> tuple[bool, list]:
-        """Write dF_c/dw for the sorted-order components ``comps`` into ``out`` (m, n).
+    def fill(self, sess, feed: dict, comps: np.ndarray, sink, budget_bytes: float,
+             rows_per_pass: int | None = None, check=None, extra=()) -> tuple[bool, list]:
+        """dF_c/dw for the sorted-order components ``comps``, in chunks: ``sink(start, rows)``
+        receives the rows of ``comps[start:start + len(rows)]``, in order.
 
-        ``extra`` tensors (the energy and virial rows) are fetched in the same
-        per-frame evaluation; their values are returned with whether the rows were
-        made. ``check(feed, mine, chunk)``, when given, is called once with the feed
-        and the forces this structure gives for the first chunk; when it returns
-        False ``fill`` stops and returns (False, values) (the caller then makes every
-        force row).
+        Chunks hold ``rows_per_pass`` components, or as many as keep the graph's
+        intermediates within ``budget_bytes``. ``extra`` tensors (the energy and
+        virial rows) are fetched in the same per-frame evaluation; their values are
+        returned with whether the rows were made. ``check(feed, mine, chunk)``, when
+        given, is called once with the feed and the forces this structure gives for
+        the first chunk; when it returns False ``fill`` stops and returns (False,
+        values) before any rows reach ``sink`` (the caller then makes every force row).
         """
         raise NotImplementedError
 

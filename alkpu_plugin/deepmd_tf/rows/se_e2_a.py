@@ -2,9 +2,9 @@
 
 Generic autodiff (``pfor`` over force components, :mod:`.jacobian`) runs, for
 every force component, a backward pass over the whole second-order graph, so
-each component pays for the embedding net on *all* neighbour pairs. But a
-coordinate r_k only moves the environment rows of the pairs that hold atom k.
-With the se_e2_a descriptor written as
+each component pays for the embedding net on *all* neighbour pairs, and a frame
+of N atoms costs O(N^2). But a coordinate r_k only moves the environment rows
+of the pairs that hold atom k. With the se_e2_a descriptor written as
 
     T_i = 1/S sum_j R_ij (x) G(s_ij),    D_i = T_i^T T_i[:, :M2],
     E   = c_out sum_i fit(D_i),         U_i = dE/dT_i,
@@ -16,22 +16,28 @@ slots, G the embedding net) a force component c = (k, alpha) is
     tau_ic = 1/S sum_j w_ijk [rho_ij (x) G_ij + R_ij (x) G'_ij rho_ij[0]],
     w_ijk  = [nlist_ij == k] - [i == k],    rho_ij = dR_ij/dr (DeePMD's rmat_deriv, alpha),
 
-and its weight gradient splits into three exact parts:
+so tau_ic is zero unless i is k or holds k in its neighbour list: the
+component's *centres*, at most 1 + (atoms within the cut-off) whatever N. Its
+weight gradient is a sum over those centres of three exact parts:
 
 * fitting weights: d/dw_f of sum_i <U_i, tau_ic>, a forward-mode tangent
-  (tau_c) through the fitting net; one copy of the weights per component gives
-  every component's gradient from one backward pass. The same pass gives
-  V_c = d/dT of that sum.
-* embedding weights through T (every pair): V_c . dT/dw_e, where dT/dw_e is
-  built once per frame (for the last layer in a compact form, since dG/dz is
-  diagonal there) and applied with one GEMM per weight.
+  (tau_ic) through the fitting net at each centre; one copy of the weights per
+  component gives every component's gradient from one backward pass. The same
+  pass gives V_ic = d/dT_i of that sum.
+* embedding weights through T: d/dw_e of 1/S sum_ij <V_ic, R_ij (x) G(s_ij)>
+  over the pairs of the centres (V fixed), again with one copy of the weights per
+  component;
 * embedding weights through tau (only the <= 2S pairs that hold atom k): the
-  gradient of 1/S sum_p w_p <U_i(p), Q_p> with G' carried forward-mode, again
-  with one copy of the weights per component.
+  gradient of 1/S sum_p w_p <U_i(p), Q_p> with G' carried forward-mode.
+
+Work and memory per component are therefore independent of N: a frame costs
+O(N) and components are made in chunks whose size a memory budget sets
+(:meth:`SeARows.fill`). Per frame, once: the neighbour list, the environment,
+the embedding, T and U for every atom (O(N)).
 
 This file mirrors DeePMD-kit's se_e2_a embedding net and 'ener' fitting net
-for single-element float64 models (:meth:`SeARows.unsupported_reason` says what
-else falls back to the generic path); before its rows are used,
+for tanh float64 models (:meth:`SeARows.unsupported_reason` says what else
+falls back to the generic path); before its rows are used,
 :class:`~alkpu_plugin.deepmd_tf.jacobian.ModelJacobian` compares the forces
 ``SeARows.forces`` gives with the frozen graph's.
 """
@@ -148,32 +154,30 @@ def _mm(x, W):
     return tf.tensordot(x, W, 1)
 
 
+def _embed(s, layers, derivative=True):
+    """DeePMD's embedding net on inputs s: (G, dG/ds), each s.shape + (M1,).
 
-
-def _embed(s, layers, keep=False):
-    """DeePMD's embedding net on inputs s (any shape): (G, dG/ds), each s.shape + (M1,).
-
-    ``layers``: (matrix, bias, idt or None) per layer. With ``keep`` also each
-    layer's (input, tanh output, kind, idt) for :func:`_weight_jacobian`.
+    ``layers``: (matrix, bias, idt or None) per layer, shared or one copy per
+    component (then s is (C, pairs)). Without ``derivative``: (G, None).
     """
     x = tf.expand_dims(s, -1)
-    dx = tf.ones_like(x)
-    trace = []
+    dx = tf.ones_like(x) if derivative else None
     for W, b, idt in layers:
         n_in, n_out = W.shape.as_list()[-2:]
         h = tf.tanh(_mm(x, W) + b)
-        dh = (1.0 - h * h) * _mm(dx, W)
+        dh = (1.0 - h * h) * _mm(dx, W) if derivative else None
         kind = "add" if n_out == n_in else "concat" if n_out == 2 * n_in else "new"
-        trace.append((x, h, kind, idt if kind != "new" else None))
         if idt is not None and kind != "new":
-            h, dh = h * idt, dh * idt
+            h = h * idt
+            dh = dh * idt if derivative else None
         if kind == "add":
-            x, dx = x + h, dx + dh
+            x, dx = x + h, (dx + dh if derivative else None)
         elif kind == "concat":
-            x, dx = tf.concat([x, x], -1) + h, tf.concat([dx, dx], -1) + dh
+            x = tf.concat([x, x], -1) + h
+            dx = tf.concat([dx, dx], -1) + dh if derivative else None
         else:
             x, dx = h, dh
-    return (x, dx, trace) if keep else (x, dx)
+    return x, dx
 
 
 def _fit_tangent(x, dx, layers, final):
@@ -191,138 +195,21 @@ def _fit_tangent(x, dx, layers, final):
     return _mm(dx, final)
 
 
-def _fit_rows(D, dD, dz0, layers, final, c_out):
-    """Per-component gradients of L_c = c_out sum_i <grad fit(D_i), dD_ic>, by hand.
-
-    D (n, in) is shared, dD (n, C, in) one tangent per component (atom-major, so
-    that every per-component product below is one GEMM with a shared operand);
-    dz0 = dD @ W_0 (n, C, out_0), the first layer's tangent, which the caller
-    forms more cheaply than this product. The forward and backward passes of the
-    plain network are shared. Returns ({layer: (dW (C, in, out), db (C, out),
-    didt (C, out) or None)}, dL/d(final matrix) (C, n_L, 1), dL_c/dz_0 (n, C, out_0),
-    dL/d(dD) (n, in)).
-    """
-    n, C = tf.shape(dD)[0], tf.shape(dD)[1]
-
-    def gemm(x, W):  # (n, C, i) x (i, o) as one GEMM
-        return tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), W), [n, C, -1])
-
-    x, dx, saved = D, dD, []
-    for i, (W, b, idt) in enumerate(layers):
-        n_in, n_out = W.shape.as_list()
-        h = tf.tanh(tf.matmul(x, W) + b)
-        d = 1.0 - h * h
-        dz = dz0 if i == 0 else gemm(dx, W)
-        dh = d[:, None, :] * dz
-        res = i >= 1 and n_out == n_in
-        saved.append((x, dx, h, d, dz, dh, res))
-        a, da = (h * idt, dh * idt) if idt is not None else (h, dh)
-        x, dx = (x + a, dx + da) if res else (a, da)
-    g_final = c_out * tf.reduce_sum(dx, axis=0)[:, :, None]  # (C, n_L, 1)
-    xbar = None  # dL_c/dx_l, per component (n, C, width)
-    dxbar = c_out * tf.broadcast_to(tf.transpose(final), tf.shape(x))  # dL/d(dx_l), shared (n, width)
-    grads = {}
-    for i in reversed(range(len(layers))):
-        W, b, idt = layers[i]
-        n_in, n_out = W.shape.as_list()
-        x, dx, h, d, dz, dh, res = saved[i]
-        abar, dabar = xbar, dxbar
-        g_idt = None
-        if idt is not None:
-            g_idt = tf.reduce_sum(dabar[:, None, :] * dh, axis=0)
-            if abar is not None:
-                g_idt += tf.reduce_sum(abar * h[:, None, :], axis=0)
-            hbar = None if abar is None else abar * idt
-            dhbar = dabar * idt
-        else:
-            hbar, dhbar = abar, dabar
-        dzbar = dhbar * d  # shared (n, out)
-        hbar_c = (-2.0 * h * dhbar)[:, None, :] * dz  # through d = 1 - h^2
-        if hbar is not None:
-            hbar_c += hbar
-        zbar = hbar_c * d[:, None, :]  # per component (n, C, out)
-        # dW_c = dx_c^T dzbar + x^T zbar_c: two plain GEMMs over the atoms (the second with
-        # all components side by side, then put component-major: a batched product with the
-        # shared x ran at a third of the speed of the plain one here)
-        g1 = tf.reshape(tf.matmul(tf.reshape(dx, [n, -1]), dzbar, transpose_a=True), [C, n_in, n_out])
-        g2 = tf.transpose(tf.reshape(tf.matmul(x, tf.reshape(zbar, [n, -1]), transpose_a=True),
-                                     [n_in, C, n_out]), [1, 0, 2])
-        grads[i] = (g1 + g2, tf.reduce_sum(zbar, axis=0), g_idt)
-        dx_prev_bar = tf.matmul(dzbar, W, transpose_b=True)
-        if i == 0:  # dL_c/dD itself is not needed: the caller goes through zbar_0
-            return grads, g_final, zbar, dx_prev_bar
-        x_prev_bar = gemm(zbar, tf.transpose(W))
-        if res:
-            x_prev_bar += abar if abar is not None else 0.0
-            dx_prev_bar += dabar
-        xbar, dxbar = x_prev_bar, dx_prev_bar
-
-
-def _weight_jacobian(R, trace, layers, nnei):
-    """dT/dw_e per embedding weight of one net, in layout order (matrix, bias, idt per layer).
-
-    ``R`` (n, S_b, 4) the environment rows the net sees; T = 1/nnei sum_j R_j (x) G_j.
-    Returns (kind, tensor) pairs: ``("full", (n*4*M1, size))`` or, for the last
-    layer where dG/dz is diagonal, ``("diag", (n*4, in, out))`` for the matrix and
-    ``("diag", (n*4, out))`` for the bias and the idt.
-    """
-    nloc, S = tf.shape(R)[0], tf.shape(R)[1]
-    Rs = R / nnei  # T carries 1/S: fold it into the small factor once
-    m1 = layers[-1][0].shape.as_list()[1]
-    out = []
-    J = None  # dG/dx_l, (nloc, S, M1, width of x_l)
-    last = len(layers) - 1
-    for depth, ((W, _, _), (x, h, kind, idt)) in enumerate(zip(reversed(layers), reversed(trace))):
-        n_in, n_out = W.shape.as_list()
-        d = 1.0 - h * h  # (nloc, S, out)
-        dz = d * idt if idt is not None else d  # d(layer output)/dz: the idt scales it
-        # [R/S | R/S (x) x_l]: the bias's and the matrix's factor, contracted in one product
-        L = tf.concat([Rs, tf.reshape(Rs[:, :, :, None] * x[:, :, None, :], [nloc, S, 4 * n_in])], -1)
-        if depth == 0:
-            M = tf.matmul(L, dz, transpose_a=True)  # (nloc, 4 + 4 n_in, out)
-            KW = tf.reshape(M[:, 4:], [nloc * 4, n_in, n_out])
-            Kb = tf.reshape(M[:, :4], [nloc * 4, n_out])
-            blocks = [("diag", KW), ("diag", Kb)]
-            if idt is not None:
-                blocks.append(("diag", tf.reshape(tf.matmul(Rs, h, transpose_a=True), [nloc * 4, n_out])))
-            out.append(tuple(blocks))
-            Jx = dz[:, :, :, None] * tf.transpose(W)[None, None]  # (nloc, S, M1, in)
-            eye = tf.eye(m1, dtype=R.dtype)[None, None]
-        else:
-            Jz = J * dz[:, :, None, :]  # dG/dz_l, (nloc, S, M1, out)
-            B = tf.reshape(Jz, [nloc, S, m1 * n_out])
-            M = tf.matmul(L, B, transpose_a=True)  # (nloc, 4 + 4 n_in, M1 out)
-            KW = tf.reshape(M[:, 4:], [nloc, 4, n_in, m1, n_out])
-            KW = tf.reshape(tf.transpose(KW, [0, 1, 3, 2, 4]), [nloc * 4 * m1, n_in * n_out])
-            Kb = tf.reshape(M[:, :4], [nloc * 4 * m1, n_out])
-            blocks = [("full", KW), ("full", Kb)]
-            if idt is not None:  # dG/d idt = J_l * h
-                Jh = tf.reshape(J * h[:, :, None, :], [nloc, S, m1 * n_out])
-                blocks.append(("full", tf.reshape(tf.matmul(Rs, Jh, transpose_a=True), [nloc * 4 * m1, n_out])))
-            out.append(tuple(blocks))
-            if depth == last:
-                break  # the input layer: no Jacobian below it is needed
-            Jx = tf.tensordot(Jz, tf.transpose(W), 1)  # one GEMM over all pairs
-            eye = J
-        if kind == "add":
-            Jx = Jx + (eye if depth else tf.broadcast_to(eye, tf.shape(Jx)))
-        elif kind == "concat":
-            skip = eye if depth else tf.broadcast_to(tf.eye(m1, dtype=R.dtype)[None, None],
-                                                     [nloc, S, m1, m1])
-            Jx = Jx + skip[..., :n_in] + skip[..., n_in:]
-        J = Jx
-    blocks = []
-    for layer in reversed(out):
-        blocks += list(layer)
-    return blocks
-
-
 def _per_component(w, C):
     """One copy of a weight per component (gradients w.r.t. it are per component)."""
     shape = w.shape.as_list()
     if len(shape) == 1:
         shape = [1] + shape
     return tf.broadcast_to(tf.reshape(w, shape), tf.concat([[C], shape], 0))
+
+
+def _copies(layers, C):
+    return [(_per_component(W, C), _per_component(b, C), None if idt is None else _per_component(idt, C))
+            for W, b, idt in layers]
+
+
+def _flat(layers):
+    return [v for layer in layers for v in layer if v is not None]
 
 
 @register
@@ -334,9 +221,9 @@ class SeARows(StructuredRows):
     the layout, frozen with ``trainable: false``, are taken from there).
 
     Several species: atoms arrive sorted by type (DeePMD-kit's order), neighbour
-    slots come in blocks of ``sel`` per type; each embedding net sees its block of
-    atoms and slots, each fitting net its atoms. ``exclude_types`` pairs contribute
-    nothing (no net, or masked environment rows with ``type_one_side``).
+    slots come in blocks of ``sel`` per type; each embedding net sees the centres
+    and slots of its types, each fitting net its centres. ``exclude_types`` pairs
+    contribute nothing (no net, or masked environment rows with ``type_one_side``).
     """
 
     name = "se_e2_a structure"
@@ -352,17 +239,16 @@ class SeARows(StructuredRows):
         sel = [int(s) for s in desc["sel"]]
         S = self.nnei = int(sum(sel))
         self.slot_type = np.repeat(np.arange(ntypes), sel)  # neighbour type of each slot
-        slots = np.concatenate([[0], np.cumsum(sel)]).astype(int)
+        slots = self.slots = np.concatenate([[0], np.cumsum(sel)]).astype(int)
         m2 = int(desc["axis_neuron"])
         byname = dict(zip(layout.names, weights))
 
         def weight(name):
             return byname[name] if name in byname else get(name)
 
-        ends = np.cumsum([int(np.prod(shape)) for shape in layout.shapes])
-        self._offsets = {n: (int(e - np.prod(shape)), int(e))
-                         for n, shape, e in zip(layout.names, layout.shapes, ends)}
-        widths = list(desc["neuron"])
+        self.n = int(layout.n)
+        widths = self.widths = list(desc["neuron"])
+        m1 = int(widths[-1])
         resnet = bool(desc.get("resnet_dt", False))
         one_side = bool(desc.get("type_one_side", False))
         # every embedding net: (centre type or None, neighbour type, names per layer, layers)
@@ -376,14 +262,16 @@ class SeARows(StructuredRows):
             names = _fitting_names(list(fitting["neuron"]), t, bool(fitting.get("resnet_dt", False)))
             fits.append(([(weight(ln[0]), weight(ln[1]), weight(ln[2]) if len(ln) > 2 else None)
                           for ln in names[:-1]], weight(names[-1][0]), names))
+        self.fit_sizes = [m1 * m2] + [int(w) for w in fitting["neuron"]]
         out_std = _const(graph_def, "model_attr/model_attr/t_out_std")
         c_out = np.ravel(out_std) if out_std is not None else np.ones(ntypes)
         c_out = np.broadcast_to(c_out, (ntypes,)) if c_out.size == 1 else c_out[:ntypes]
 
-        # ---- per frame: environment, embedding, T, U, dT/dw_e
+        # ---- per frame, every atom: environment, embedding, T, U (O(N), fed back to every chunk)
         R = tf.reshape(get("o_rmat"), [-1, S, 4])
         rho = tf.reshape(get("o_rmat_deriv"), [-1, S, 4, 3])
         self.nlist = tf.reshape(get("o_nlist"), [-1, S])
+        self.rij = tf.reshape(get("o_rij"), [-1, S, 3])
         nloc = tf.shape(R)[0]
         atype = self.atype = tf.reshape(get("t_type"), [-1])[:nloc]
         counts = tf.reshape(get("t_natoms"), [-1])[2:2 + ntypes]  # atoms per type (sorted by type)
@@ -399,20 +287,14 @@ class SeARows(StructuredRows):
 
         R_t = by_type(R)
         G_parts = [[] for _ in range(ntypes)]  # per centre type: (neighbour type, G, G')
-        self._net_blocks = []  # per net: (name, kind, dT/dw) of its weights in the layout
         for ti, tj, names, layers in self.nets:
             Rb = R[:, slots[tj]:slots[tj + 1]] if ti is None else R_t[ti][:, slots[tj]:slots[tj + 1]]
-            G, Gp, trace = _embed(Rb[:, :, 0], layers, keep=True)
+            G, Gp = _embed(Rb[:, :, 0], layers)
             if ti is None:
                 for t, (g_t, gp_t) in enumerate(zip(by_type(G), by_type(Gp))):
                     G_parts[t].append((tj, g_t, gp_t))
             else:
                 G_parts[ti].append((tj, G, Gp))
-            blocks = _weight_jacobian(Rb, trace, layers, S)
-            flat_names = [n for layer in names for n in layer]
-            self._net_blocks.append([(n, kind, K) for n, (kind, K) in zip(flat_names, blocks)
-                                     if n in self._offsets])
-        m1 = int(widths[-1])
         G_rows, Gp_rows = [], []
         for t in range(ntypes):
             have = {tj: (g, gp) for tj, g, gp in G_parts[t]}
@@ -437,92 +319,97 @@ class SeARows(StructuredRows):
         tangent = tf.add_n([float(c_out[t]) * tf.reduce_sum(_fit_tangent(Dt, dDt, fits[t][0], fits[t][1]))
                             for t, (Dt, dDt) in enumerate(zip(by_type(D), by_type(dD)))])
         U = tf.stop_gradient(tf.gradients(tangent, probe)[0])
-        # A[i, (a, m), o] = d z_0,o / d T_i[a, m] (the first fitting layer's pre-activation):
-        # sum_k T2[a, k] W_0[(m, k), o] + [m < M2] sum_m' T[a, m'] W_0[(m', m), o]
-        A_t = []
-        for t, Tt in enumerate(by_type(T)):
-            W0 = tf.reshape(fits[t][0][0][0], [m1, m2, -1])
-            A2 = tf.pad(tf.einsum("nam,mko->nako", Tt, W0), [[0, 0], [0, 0], [0, m1 - m2], [0, 0]])
-            A_t.append(tf.reshape(tf.einsum("nak,mko->namo", Tt[:, :, :m2], W0) + A2, [-1, 4 * m1,
-                                                                                        W0.shape[-1]]))
-        A = tf.concat(A_t, axis=0)
-        # computed once per frame and fed back to every chunk of components (a fed
-        # tensor's inputs are not evaluated again)
-        self.frame_tensors = [R, rho, G, Gp, T, D, U, A]
+        self.frame_tensors = [R, rho, G, Gp, T, U]
 
-        # ---- per chunk of components: pairs that hold each requested atom, and tau
+        # ---- per chunk of components (C), of chunk atoms (K), each atom with its A centres
+        # cent (K, A): the atoms whose tau the atom moves (itself and the atoms that hold it),
+        # by type in blocks of cent_counts[t] (padded: a padded centre has tau = 0)
+        self.cent = tf.placeholder(tf.int32, [None, None], name="se_a_centres")
+        self.cent_counts = tf.placeholder(tf.int32, [ntypes], name="se_a_centre_counts")
+        # the pairs of tau: centre position in cent (pair_loc), centre atom, slot, weight w_ijk
+        self.pair_loc = tf.placeholder(tf.int32, [None, None], name="se_a_pair_loc")
         self.pair_i = tf.placeholder(tf.int32, [None, None], name="se_a_pair_i")
         self.pair_j = tf.placeholder(tf.int32, [None, None], name="se_a_pair_j")
         self.pair_w = tf.placeholder(tf.float64, [None, None], name="se_a_pair_w")
         self.comp_q = tf.placeholder(tf.int32, [None], name="se_a_comp_atom")
         self.comp_a = tf.placeholder(tf.int32, [None], name="se_a_comp_dir")
-        K = tf.shape(self.pair_i)[0]
+        K, A = tf.shape(self.cent)[0], tf.shape(self.cent)[1]
         C = tf.shape(self.comp_q)[0]
         idx = tf.stack([self.pair_i, self.pair_j], -1)
         Rp, rhop = tf.gather_nd(R, idx), tf.gather_nd(rho, idx)  # (K, P, 4), (K, P, 4, 3)
-        Gs, Gps = tf.stop_gradient(tf.gather_nd(G, idx)), tf.stop_gradient(tf.gather_nd(Gp, idx))
+        Gs, Gps = tf.gather_nd(G, idx), tf.gather_nd(Gp, idx)
         Q = (tf.einsum("kpax,kpm->kpxam", rhop, Gs)
              + tf.einsum("kpa,kpm,kpx->kpxam", Rp, Gps, rhop[:, :, 0, :]))
         Q = Q * (self.pair_w / S)[:, :, None, None, None]
-        seg = tf.range(K)[:, None] * nloc + self.pair_i
-        tau = tf.reshape(tf.math.unsorted_segment_sum(Q, seg, K * nloc), [K, nloc, 3, 4, m1])
-        tau = tf.transpose(tau, [0, 2, 1, 3, 4])  # (K, 3, nloc, 4, M1)
-        tau_c = tf.gather_nd(tau, tf.stack([self.comp_q, self.comp_a], -1))  # (C, nloc, 4, M1)
-        self.forces = tf.einsum("cnam,nam->c", tau_c, U)  # for the self-check
-        tau_c = tf.transpose(tau_c, [1, 0, 2, 3])  # atom-major (nloc, C, 4, M1)
+        seg = tf.range(K)[:, None] * A + self.pair_loc
+        tau = tf.reshape(tf.math.unsorted_segment_sum(Q, seg, K * A), [K, A, 3, 4, m1])
+        tau = tf.transpose(tau, [0, 2, 1, 3, 4])  # (K, 3, A, 4, M1)
+        tau_c = tf.gather_nd(tau, tf.stack([self.comp_q, self.comp_a], -1))  # (C, A, 4, M1)
+        cent_c = tf.gather(self.cent, self.comp_q)  # (C, A)
+        self.forces = tf.reduce_sum(tau_c * tf.gather(U, cent_c), axis=[1, 2, 3])  # for the self-check
+        # T at every centre, one copy per component: dL/dT_c is V_c
+        T_c = tf.gather(T, cent_c)  # (C, A, 4, M1)
 
-        # ---- fitting weights and V: the tangent tau_c through each type's fitting net, by hand
-        T2 = T[:, None, :, :m2]  # (nloc, 1, 4, M2), broadcast over components
-        dD = tf.reshape(tf.matmul(tau_c, T2, transpose_a=True)
-                        + tf.matmul(T[:, None], tau_c[..., :m2], transpose_a=True), [nloc, C, m1 * m2])
-        # the first fitting layer's tangent dD_c W_0 = tau_c . A, with A (per atom) the map
-        # from T-directions to that layer's pre-activation: (nloc, 4*M1, out_0)
-        tau_flat = tf.reshape(tau_c, [nloc, C, 4 * m1])
-        dz0 = tf.matmul(tau_flat, A)
-        g, zbar0, dDbar = {}, [], []
-        for t, (Dt, dDt, dz0t) in enumerate(zip(by_type(D), by_type(dD), by_type(dz0))):
-            fgrads, g_final, zb, db = _fit_rows(Dt, dDt, dz0t, fits[t][0], fits[t][1], float(c_out[t]))
-            names = fits[t][2]
-            g[names[-1][0]] = g_final
-            for i, (gW, gb, gt) in fgrads.items():
-                g[names[i][0]], g[names[i][1]] = gW, gb
-                if gt is not None:
-                    g[names[i][2]] = gt
-            zbar0.append(zb)
-            dDbar.append(db)
-        zbar0, dDbar = tf.concat(zbar0, axis=0), tf.concat(dDbar, axis=0)
-        # V_c = dL_c/dT through D = T^T T2 and dD = tau^T T2 + T^T tau2 (T2 = T[:, :M2]):
-        # T2 Dbar^T + [T Dbar | 0] + [tau dDbar | 0] + tau2 dDbar^T with Dbar = zbar_0 W_0^T;
-        # the first two terms together are zbar_0 A^T
-        dDbar = tf.reshape(dDbar, [nloc, 1, m1, m2])
-        pad = [[0, 0], [0, 0], [0, 0], [0, m1 - m2]]
-        V = (tf.reshape(tf.matmul(zbar0, A, transpose_b=True), [nloc, C, 4, m1])
-             + tf.pad(tf.matmul(tau_c, dDbar), pad)
-             + tf.matmul(tau_c[..., :m2], dDbar, transpose_b=True))
-        V = tf.transpose(V, [1, 0, 2, 3])
-        self.V = tf.reshape(V, [C, -1])  # (C, nloc*4*M1)
+        # ---- fitting weights and V: the tangent tau_c through each centre type's fitting net
+        T2 = T_c[..., :m2]
+        Dc = tf.reshape(tf.matmul(T_c, T2, transpose_a=True), [C, A, m1 * m2])
+        dDc = tf.reshape(tf.matmul(tau_c, T2, transpose_a=True) + tf.matmul(T_c, tau_c[..., :m2], transpose_a=True),
+                         [C, A, m1 * m2])
+        g, L_fit, fit_vars, fit_names = {}, [], [], []
+        for t, (Dt, dDt) in enumerate(zip(tf.split(Dc, self.cent_counts, num=ntypes, axis=1),
+                                           tf.split(dDc, self.cent_counts, num=ntypes, axis=1))):
+            layers, final, names = fits[t]
+            copies = _copies(layers, C)
+            final_c = _per_component(final, C)
+            L_fit.append(float(c_out[t]) * tf.reduce_sum(_fit_tangent(Dt, dDt, copies, final_c)))
+            for ln, layer in zip(names, copies + [(final_c, None, None)]):
+                for n, v in zip(ln, layer):
+                    if v is not None:
+                        fit_names.append(n)
+                        fit_vars.append(v)
+        grads = tf.gradients(tf.add_n(L_fit), fit_vars + [T_c])
+        for n, grad in zip(fit_names, grads[:-1]):
+            g[n] = grad
+        V = tf.stop_gradient(grads[-1])  # (C, A, 4, M1)
 
-        # ---- embedding weights through tau: per net, only the pairs of that net that hold atom k
-        self.net_pairs = []
+        # ---- embedding weights: through T (every pair of every centre, V fixed) and through
+        # tau (only the pairs that hold atom k), per net with one copy of its weights per component
+        V_t = tf.split(V, self.cent_counts, num=ntypes, axis=1)
+        cent_t = tf.split(cent_c, self.cent_counts, num=ntypes, axis=1)
+        self.net_pairs, self.net_real = [], []
         for k, (ti, tj, names, layers) in enumerate(self.nets):
+            emb_c = _copies(layers, C)
+            Vn = V if ti is None else V_t[ti]
+            cn = cent_c if ti is None else cent_t[ti]  # (C, A_n)
+            # the pairs of the centres (C, pairs) by their flat position in (centre, slot) of this
+            # net, each with a multiplicity: the empty slots of a centre share one environment row
+            # (DeePMD-kit's normalised zero), so one of them stands for all
+            real = tf.placeholder(tf.int32, [None, None], name=f"se_a_net{k}_pairs")
+            mult = tf.placeholder(tf.float64, [None, None], name=f"se_a_net{k}_pair_mult")
+            real_c, mult_c = tf.gather(real, self.comp_q), tf.gather(mult, self.comp_q)
+            Rn = tf.gather(R[:, slots[tj]:slots[tj + 1]], cn)  # (C, A_n, S_b, 4)
+            Vt = tf.reshape(tf.matmul(Rn, Vn), [C, -1, m1])  # (C, A_n S_b, M1): V_ic^T R_ij
+            Vt = tf.gather(Vt, real_c, batch_dims=1) * mult_c[:, :, None]
+            s_c = tf.gather(tf.reshape(Rn[..., 0], [C, -1]), real_c, batch_dims=1)
+            Gn, _ = _embed(s_c, emb_c, derivative=False)  # (C, pairs, M1)
+            L = tf.reduce_sum(Vt * Gn) / S
+            # the tau pairs of this net
             pi = tf.placeholder(tf.int32, [None, None], name=f"se_a_net{k}_pair_i")
             pj = tf.placeholder(tf.int32, [None, None], name=f"se_a_net{k}_pair_j")
             pw = tf.placeholder(tf.float64, [None, None], name=f"se_a_net{k}_pair_w")
             self.net_pairs.append((pi, pj, pw))
+            self.net_real.append((real, mult))
             pidx = tf.stack([tf.gather(pi, self.comp_q), tf.gather(pj, self.comp_q)], -1)
             pwc = tf.gather(pw, self.comp_q)  # (C, P)
-            emb_c = [(_per_component(W, C), _per_component(b, C),
-                      None if idt is None else _per_component(idt, C)) for W, b, idt in layers]
             Gq, Gpq = _embed(tf.gather_nd(R[:, :, 0], pidx), emb_c)  # (C, P, M1)
             rq = tf.gather(tf.gather_nd(rho, pidx), self.comp_a, axis=3, batch_dims=1)  # (C, P, 4)
             Rq = tf.gather_nd(R, pidx)
             Uq = tf.gather(U, pidx[:, :, 0])  # (C, P, 4, M1)
             Qq = rq[..., None] * Gq[:, :, None, :] + Rq[..., None] * (Gpq * rq[..., :1])[:, :, None, :]
-            L_tau = tf.reduce_sum(pwc[:, :, None, None] * Uq * Qq) / S
-            variables = [v for layer in emb_c for v in layer if v is not None]
+            L += tf.reduce_sum(pwc[:, :, None, None] * Uq * Qq) / S
             flat_names = [n for layer in names for n in layer]
-            for n, grad in zip(flat_names, tf.gradients(L_tau, variables)):
-                if n in self._offsets:
+            for n, grad in zip(flat_names, tf.gradients(L, _flat(emb_c))):
+                if n in byname:
                     g[n] = grad
 
         self.rows = tf.concat(
@@ -530,86 +417,235 @@ class SeARows(StructuredRows):
                         [C, -1]) for n, w in zip(layout.names, weights)], axis=1)
 
     # ------------------------------------------------------------ numpy side
-    def fill(self, sess, feed, comps, out, rows_per_pass, check=None, extra=()):
-        """Force rows of ``comps`` into ``out``; see :meth:`StructuredRows.fill`.
+    def _empty_rows_shared(self, nlist, atype, R) -> bool:
+        """Whether every empty slot of a centre type's block of one neighbour type holds
+        the same environment row (true of DeePMD-kit's normalisation; checked per frame)."""
+        empty = nlist < 0
+        for t in range(self.ntypes):
+            for tj in range(self.ntypes):
+                a, b = self.slots[tj], self.slots[tj + 1]
+                rows = R[atype == t, a:b][empty[atype == t, a:b]]
+                if rows.size and np.abs(rows - rows[0]).max() > 0.0:
+                    return False
+        return True
 
-        Once per frame: the neighbour list, dT/dw_e, and the environment,
-        embedding and dE/dT (fed back to every chunk of components), with ``extra``.
+    def component_bytes(self, n_centres: float, n_pairs: float) -> float:
+        """Bytes of the graph's intermediates per component (an estimate, float64).
+
+        Its row and the copies of the weights and their gradients (about 4 n); at each
+        of its ``n_centres`` centres T, tau, V (4 M1 each) and the fitting net's
+        tangent and backward (about 6 values per input and layer width), and the
+        centre's pairs once per embedding layer, forward and backward (about 6 per
+        width); the ``n_pairs`` tau pairs, with G' (about 12 per width).
         """
-        jac = [[K for _, _, K in net] for net in self._net_blocks]
-        nlist, atype, blocks, per_frame, extra_values = sess.run(
-            [self.nlist, self.atype, jac, self.frame_tensors, list(extra)], feed_dict=feed)
+        width = sum(self.widths)
+        return 8.0 * (4.0 * self.n + n_centres * (12 * self.widths[-1] + 6 * sum(self.fit_sizes)
+                                                  + self.nnei * 6 * width)
+                      + n_pairs * 12 * width)
+
+    def chunk_size(self, n_centres: int, n_pairs: int, budget_bytes: float) -> int:
+        """Components per graph evaluation whose intermediates fit ``budget_bytes``."""
+        return int(max(1, min(4096, budget_bytes // self.component_bytes(n_centres, n_pairs))))
+
+    def fill(self, sess, feed, comps, sink, budget_bytes, rows_per_pass=None, check=None, extra=(),
+             virial=False, virial_check=None):
+        """Force rows of ``comps``, chunk by chunk to ``sink``; see :meth:`StructuredRows.fill`.
+
+        Once per frame: the neighbour list, the environment, embedding, T and dE/dT
+        of every atom (fed back to every chunk of components), with ``extra``; the
+        atoms that hold each atom (an inverted neighbour list). With ``virial`` also
+        the nine rows dW_ab/dw (:meth:`_virial_rows`), returned third (``None`` if
+        ``virial_check`` refused them).
+        """
+        nlist, atype, rij, per_frame, extra_values = sess.run(
+            [self.nlist, self.atype, self.rij, self.frame_tensors, list(extra)], feed_dict=feed)
         feed.update(zip(self.frame_tensors, per_frame))
-        starts = np.concatenate([[0], np.cumsum(np.bincount(atype, minlength=self.ntypes))])
-        for start in range(0, comps.size, rows_per_pass):
-            chunk = comps[start : start + rows_per_pass]
+        holders = _Holders(nlist)
+        frame = (nlist, atype, self._empty_rows_shared(nlist, atype, per_frame[0]))
+        n_cent = holders.max_centres()
+        n_pairs = nlist.shape[1] + holders.max_held()
+        step = int(rows_per_pass) if rows_per_pass else self.chunk_size(n_cent, n_pairs, budget_bytes)
+        step = max(1, step)
+        for start in range(0, comps.size, step):
+            chunk = comps[start : start + step]
             atoms, q = np.unique(chunk // 3, return_inverse=True)
-            pi, pj, pw = self.pairs(nlist, atoms)
-            feed.update({self.pair_i: pi, self.pair_j: pj, self.pair_w: pw,
-                         self.comp_q: q.astype(np.int32), self.comp_a: (chunk % 3).astype(np.int32)})
-            for (ti, tj, _, _), holders in zip(self.nets, self.net_pairs):
-                keep = (self.slot_type[pj] == tj) & (pw != 0.0)
-                if ti is not None:
-                    keep &= atype[pi] == ti
-                feed.update(zip(holders, self._compact(pi, pj, pw, keep)))
+            self._feed_chunk(feed, frame, *holders.chunk(atoms, atype, self.ntypes), q.ravel(), chunk % 3)
             if check is not None and start == 0:
                 if not check(feed, sess.run(self.forces, feed_dict=feed), chunk):
-                    return False, extra_values
-            rows, V = sess.run([self.rows, self.V], feed_dict=feed)
-            for (ti, _, _, _), net, values in zip(self.nets, self._net_blocks, blocks):
-                Vn = V if ti is None else V.reshape(V.shape[0], -1, V.shape[1] // nlist.shape[0])[
-                    :, starts[ti]:starts[ti + 1]].reshape(V.shape[0], -1)
-                self.add_dense(rows, Vn, [(name, kind, K) for (name, kind, _), K in zip(net, values)],
-                               self._offsets)
-            out[start : start + chunk.size] = rows
-        return True, extra_values
+                    return False, extra_values, None
+            sink(start, sess.run(self.rows, feed_dict=feed))
+        vir = self._virial_rows(sess, feed, frame, rij, budget_bytes, virial_check) if virial else None
+        return True, extra_values, vir
 
-    @staticmethod
-    def _compact(pi, pj, pw, keep):
-        """The pairs ``keep`` marks, per row, packed to the left (at least one column)."""
-        width = max(1, int(keep.sum(axis=1).max()) if keep.size else 1)
-        ci = np.zeros((pi.shape[0], width), np.int32)
-        cj = np.zeros((pi.shape[0], width), np.int32)
-        cw = np.zeros((pi.shape[0], width), np.float64)
-        for r in range(pi.shape[0]):
-            sel = np.nonzero(keep[r])[0]
-            ci[r, : sel.size], cj[r, : sel.size], cw[r, : sel.size] = pi[r, sel], pj[r, sel], pw[r, sel]
-        return ci, cj, cw
+    def _feed_chunk(self, feed, frame, cent, counts, loc, pi, pj, pw, q, dirs):
+        """Feed one chunk: centres, tau pairs, components (atom in the chunk, direction)."""
+        nlist, atype, shared_empty = frame
+        feed.update({self.cent: cent, self.cent_counts: counts, self.pair_loc: loc,
+                     self.pair_i: pi, self.pair_j: pj, self.pair_w: pw,
+                     self.comp_q: np.asarray(q, np.int32), self.comp_a: np.asarray(dirs, np.int32)})
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        for (ti, tj, _, _), placeholders, real in zip(self.nets, self.net_pairs, self.net_real):
+            keep = (self.slot_type[pj] == tj) & (pw != 0.0)
+            if ti is not None:
+                keep &= atype[pi] == ti
+            feed.update(zip(placeholders, _compact(pi, pj, pw, keep)))
+            block = cent if ti is None else cent[:, offsets[ti]:offsets[ti + 1]]
+            filled = nlist[block, self.slots[tj]:self.slots[tj + 1]] >= 0
+            feed.update(zip(real, _net_pairs(filled, _first_occurrence(block), shared_empty)))
 
-    @staticmethod
-    def pairs(nlist: np.ndarray, atoms: np.ndarray):
-        """(pair_i, pair_j, pair_w), (K, P): for each atom k its own rows and the rows that hold k."""
-        lists = []
+    def _virial_rows(self, sess, feed, frame, rij, budget_bytes, check=None):
+        """dW_ab/dw (9, n), a-major, as nine components whose centres are every atom.
+
+        W_ab = -sum_ij rij_a dE/drij_b, so W_ab = sum_i <U_i, tau_i^ab> with the tau of
+        direction b and pair weights rij_a over every pair (the sign of rho): made a block of centres at
+        a time (three chunk rows a = 0, 1, 2, with directions b) and summed.
+        """
+        nlist, atype, _ = frame
+        natoms, nnei = nlist.shape
+        real = nlist >= 0
+        per_atom = max(1, int(real.sum(axis=1).max()))
+        # nine components, each with a block of centres and all their pairs
+        fixed = self.component_bytes(0, 0)
+        per_centre = self.component_bytes(1, per_atom) - fixed
+        block = int(max(1, min(natoms, (budget_bytes / 9 - fixed) // per_centre)))
+        rows = np.zeros((9, self.n))
+        value = np.zeros(9)
+        q, dirs = np.repeat(np.arange(3), 3), np.tile(np.arange(3), 3)
+        for first in range(0, natoms, block):
+            centres = np.arange(first, min(natoms, first + block))
+            ii, jj = np.nonzero(real[centres])
+            # centres by type (atoms are sorted by type), a padded one for a type with none
+            counts = np.bincount(atype[centres], minlength=self.ntypes)
+            pad = np.cumsum(counts == 0)  # padded entries before each type's block, inclusive
+            where = np.arange(centres.size) + pad[atype[centres]]
+            row = np.zeros(centres.size + int(pad[-1]), np.int32)
+            row[where] = centres
+            cent = np.broadcast_to(row, (3, row.size)).copy()
+            counts = np.maximum(counts, 1).astype(np.int32)
+            loc = np.broadcast_to(where[ii].astype(np.int32), (3, ii.size)).copy()
+            pi = np.broadcast_to(centres[ii].astype(np.int32), (3, ii.size)).copy()
+            pj = np.broadcast_to(jj.astype(np.int32), (3, ii.size)).copy()
+            pw = rij[centres[ii], jj].T.astype(np.float64)  # (3, pairs): rij_a
+            if ii.size == 0:
+                continue
+            self._feed_chunk(feed, frame, cent, counts, loc, pi, pj, pw, q, dirs)
+            part, forces = sess.run([self.rows, self.forces], feed_dict=feed)
+            rows += part
+            value += forces
+        if check is not None and not check(value):
+            return None
+        return rows
+
+
+def _compact(pi, pj, pw, keep):
+    """The pairs ``keep`` marks, per row, packed to the left (at least one column)."""
+    width = max(1, int(keep.sum(axis=1).max()) if keep.size else 1)
+    ci = np.zeros((pi.shape[0], width), np.int32)
+    cj = np.zeros((pi.shape[0], width), np.int32)
+    cw = np.zeros((pi.shape[0], width), np.float64)
+    for r in range(pi.shape[0]):
+        sel = np.nonzero(keep[r])[0]
+        ci[r, : sel.size], cj[r, : sel.size], cw[r, : sel.size] = pi[r, sel], pj[r, sel], pw[r, sel]
+    return ci, cj, cw
+
+
+def _net_pairs(filled: np.ndarray, first: np.ndarray, shared_empty: bool):
+    """Flat (centre, slot) positions and multiplicities of a net's pairs, per chunk atom.
+
+    ``filled`` (K, A, S_b): slots with a neighbour; ``first`` (K, A): a centre's first
+    occurrence (padded centres repeat one). Each filled slot counts once; with
+    ``shared_empty`` the empty slots of a centre are one pair counted as often as
+    there are, otherwise every slot is a pair. Rows are padded with multiplicity 0.
+    """
+    K, A, Sb = filled.shape
+    rows = []
+    for r in range(K):
+        use = first[r][:, None]
+        if not shared_empty:
+            pos = np.nonzero(np.broadcast_to(use, filled[r].shape).ravel())[0]
+            rows.append((pos, np.ones(pos.size)))
+            continue
+        on = np.nonzero((filled[r] & use).ravel())[0]
+        empty = ~filled[r] & use
+        count = empty.sum(axis=1)
+        has = np.nonzero(count)[0]
+        rows.append((np.concatenate([on, has * Sb + np.argmax(empty[has], axis=1)]),
+                     np.concatenate([np.ones(on.size), count[has].astype(float)])))
+    width = max(1, max(p.size for p, _ in rows))
+    pos = np.zeros((K, width), np.int32)
+    mult = np.zeros((K, width), np.float64)
+    for r, (p, m) in enumerate(rows):
+        pos[r, : p.size], mult[r, : m.size] = p, m
+    return pos, mult
+
+
+def _first_occurrence(block: np.ndarray) -> np.ndarray:
+    """(K, A) True where an atom appears in its row for the first time."""
+    out = np.zeros(block.shape, bool)
+    for r in range(block.shape[0]):
+        _, first = np.unique(block[r], return_index=True)
+        out[r, first] = True
+    return out
+
+
+class _Holders:
+    """The inverted neighbour list of a frame: for each atom k, the (i, j) with nlist[i, j] == k."""
+
+    def __init__(self, nlist: np.ndarray):
+        self.nlist = nlist
+        flat = nlist.ravel()
+        valid = np.nonzero(flat >= 0)[0]
+        order = valid[np.argsort(flat[valid], kind="stable")]
+        self.start = np.searchsorted(flat[order], np.arange(nlist.shape[0] + 1))
+        self.i, self.j = np.divmod(order, nlist.shape[1])
+        self.count = np.diff(self.start)
+
+    def max_held(self) -> int:
+        return int(self.count.max()) if self.count.size else 0
+
+    def max_centres(self) -> int:
+        """An upper bound of the centres of any atom: itself and its holders."""
+        return 1 + self.max_held()
+
+    def chunk(self, atoms: np.ndarray, atype: np.ndarray, ntypes: int):
+        """Centres and tau pairs of ``atoms``.
+
+        Returns cent (K, A), centre counts per type (ntypes,), and pair arrays (K, P):
+        the centre's position in cent, the centre atom, the slot and w_ijk.
+        """
+        nlist = self.nlist
+        per_atom = []
         for k in atoms:
+            lo, hi = self.start[k], self.start[k + 1]
+            hi_i, hi_j = self.i[lo:hi], self.j[lo:hi]
+            other = hi_i != k  # k's own rows that hold k (a periodic image) are in own_j
             own_j = np.nonzero(nlist[k] >= 0)[0]
             own_w = (nlist[k, own_j] == k).astype(float) - 1.0
-            oi, oj = np.nonzero(nlist == k)
-            keep = oi != k
-            lists.append((np.concatenate([np.full(own_j.size, k), oi[keep]]),
-                          np.concatenate([own_j, oj[keep]]),
-                          np.concatenate([own_w, np.ones(int(keep.sum()))])))
-        P = max(1, max(len(p[0]) for p in lists))
-        pi = np.zeros((len(atoms), P), np.int32)
-        pj = np.zeros((len(atoms), P), np.int32)
-        pw = np.zeros((len(atoms), P), np.float64)
-        for r, (i, j, w) in enumerate(lists):
+            centres = np.unique(np.concatenate([[k], hi_i[other]]))
+            pi = np.concatenate([np.full(own_j.size, k), hi_i[other]])
+            pj = np.concatenate([own_j, hi_j[other]])
+            pw = np.concatenate([own_w, np.ones(int(other.sum()))])
+            per_atom.append((centres, pi, pj, pw))
+        counts = np.ones(ntypes, np.int64)  # at least one (padded) centre of every type
+        for centres, *_ in per_atom:
+            counts = np.maximum(counts, np.bincount(atype[centres], minlength=ntypes))
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        K, A = len(atoms), int(offsets[-1])
+        P = max(1, max(p[1].size for p in per_atom))
+        cent = np.zeros((K, A), np.int32)
+        loc = np.zeros((K, P), np.int32)
+        pi = np.zeros((K, P), np.int32)
+        pj = np.zeros((K, P), np.int32)
+        pw = np.zeros((K, P), np.float64)
+        for r, (centres, i, j, w) in enumerate(per_atom):
+            # centres are sorted by index, atoms by type: each type's block is contiguous
+            ct = atype[centres]
+            pos = np.empty(centres.size, np.int64)
+            for t in range(ntypes):
+                mine = np.nonzero(ct == t)[0]
+                pos[mine] = offsets[t] + np.arange(mine.size)
+                cent[r, offsets[t] : offsets[t + 1]] = centres[mine[0]] if mine.size else 0
+            cent[r, pos] = centres
+            loc[r, : i.size] = pos[np.searchsorted(centres, i)]
             pi[r, : i.size], pj[r, : j.size], pw[r, : w.size] = i, j, w
-        return pi, pj, pw
-
-    @staticmethod
-    def add_dense(rows: np.ndarray, V: np.ndarray, blocks, offsets) -> None:
-        """rows[:, w_e] += V_c . dT/dw_e for the weights of one embedding net (numpy BLAS).
-
-        ``blocks``: (name, kind, dT/dw) with V over the atoms that net sees.
-        """
-        for name, kind, K in blocks:
-            a, b = offsets[name]
-            if kind == "full":
-                rows[:, a:b] += V @ K
-            elif K.ndim == 3:  # last layer's matrix: K[x, p, q] with x = (atom, 4), V[c, x, q]
-                Vq = V.reshape(V.shape[0], -1, K.shape[2])
-                part = np.matmul(Vq.transpose(2, 0, 1), K.transpose(2, 0, 1))  # (q, c, p)
-                rows[:, a:b] += part.transpose(1, 2, 0).reshape(V.shape[0], -1)
-            else:  # last layer's bias or idt: K[x, q]
-                Vq = V.reshape(V.shape[0], -1, K.shape[1])
-                rows[:, a:b] += np.einsum("cxq,xq->cq", Vq, K)
+        return cent, counts.astype(np.int32), loc, pi, pj, pw
