@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -230,6 +231,9 @@ class KPUEngine:
                  memory_limit: float | None = None,
                  calibration: dict | None = None, factorize: bool = True, virial: bool = True,
                  density_factor: float | None = None):
+        import time
+
+        tic = time.perf_counter()
         from .calibration import load_calibration
         from .deepmd_tf.frozen import find_kalman_state
         from .deepmd_tf.jacobian import DEFAULT_MEMORY_GB, ModelJacobian
@@ -250,6 +254,10 @@ class KPUEngine:
         self.virial = bool(virial)
         self.density_factor = DEFAULT_DENSITY_FACTOR if density_factor is None else float(density_factor)
         self.calibration = calibration if calibration is not None else load_calibration(self.state_path)
+        #: wall seconds: building the engine, then summed over frames: the rows (graph
+        #: evaluations), their quadratic forms, the domain check
+        self.timing = {"start_s": time.perf_counter() - tic, "rows_s": 0.0, "quadratic_s": 0.0,
+                       "domain_s": 0.0, "frames": 0}
 
     @property
     def type_map(self) -> list[str]:
@@ -291,6 +299,7 @@ class KPUEngine:
         pending: list[tuple[int, np.ndarray]] = []
 
         def flush():
+            tic = time.perf_counter()
             rows = np.vstack([r for _, r in pending])
             values = kpu_math.component_kpu(self.kf, rows, rows_per_pass=rows.shape[0])
             at = 0
@@ -298,15 +307,21 @@ class KPUEngine:
                 kpu[start : start + r.shape[0]] = values[at : at + r.shape[0]]
                 at += r.shape[0]
             pending.clear()
+            quadratic[0] += time.perf_counter() - tic
 
         def sink(start, rows):
             pending.append((start, rows))
             if sum(r.shape[0] for _, r in pending) >= batch:
                 flush()
 
+        quadratic = [0.0]
+        tic = time.perf_counter()
         self.jacobian.rows_into(frame, sink, energy=True, virial=self.virial)
         if pending:
             flush()
+        self.timing["quadratic_s"] += quadratic[0]
+        self.timing["rows_s"] += time.perf_counter() - tic - quadratic[0]
+        self.timing["frames"] += 1
         comp = kpu[head:]
         atoms = kpu_math.paper_atoms(frame.atype.size, self.seed, index)
         return FrameKPU(kpu_math.paper_force_kpu(comp, atoms), comp, float(kpu[0]),
@@ -328,7 +343,9 @@ class KPUEngine:
 
         idx, frame_list = self._frames(system, frames)
         all_steps = np.arange(system.get_nframes()) if steps is None else np.asarray(steps)
+        tic = time.perf_counter()
         domain = self.domain_reasons(frame_list)
+        self.timing["domain_s"] += time.perf_counter() - tic
         if self.factorize:
             # Cholesky factors of the blocks that pay for themselves over these rows
             per_frame = 3 * int(frame_list[0].atype.size) + 1 + (9 if self.virial else 0)
