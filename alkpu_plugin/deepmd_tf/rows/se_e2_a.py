@@ -319,7 +319,18 @@ class SeARows(StructuredRows):
         tangent = tf.add_n([float(c_out[t]) * tf.reduce_sum(_fit_tangent(Dt, dDt, fits[t][0], fits[t][1]))
                             for t, (Dt, dDt) in enumerate(zip(by_type(D), by_type(dD)))])
         U = tf.stop_gradient(tf.gradients(tangent, probe)[0])
-        self.frame_tensors = [R, rho, G, Gp, T, U]
+        # kept in variables for the frame's chunks: assigned once per frame (a fed array
+        # would be copied again for every chunk), read by every chunk
+        stored, self.store = [], []
+        for k, t in enumerate([R, rho, G, Gp, T, U]):
+            var = tf.Variable(tf.zeros([], t.dtype), validate_shape=False, trainable=False,
+                              collections=[], name=f"se_a_frame_{k}")
+            self.store.append(tf.assign(var, t, validate_shape=False))
+            read = tf.identity(var)
+            read.set_shape(t.shape)
+            stored.append(read)
+        self.store = [self.store[0], tf.group(self.store[1:])]  # R comes back (checked per frame)
+        R, rho, G, Gp, T, U = stored
 
         # ---- per chunk of components (C), of chunk atoms (K), each atom with its A centres
         # cent (K, A): the atoms whose tau the atom moves (itself and the atoms that hold it),
@@ -457,11 +468,10 @@ class SeARows(StructuredRows):
         the nine rows dW_ab/dw (:meth:`_virial_rows`), returned third (``None`` if
         ``virial_check`` refused them).
         """
-        nlist, atype, rij, per_frame, extra_values = sess.run(
-            [self.nlist, self.atype, self.rij, self.frame_tensors, list(extra)], feed_dict=feed)
-        feed.update(zip(self.frame_tensors, per_frame))
+        nlist, atype, rij, (R, _), extra_values = sess.run(
+            [self.nlist, self.atype, self.rij, self.store, list(extra)], feed_dict=feed)
         holders = _Holders(nlist)
-        frame = (nlist, atype, self._empty_rows_shared(nlist, atype, per_frame[0]))
+        frame = (nlist, atype, self._empty_rows_shared(nlist, atype, R))
         n_cent = holders.max_centres()
         n_pairs = nlist.shape[1] + holders.max_held()
         step = int(rows_per_pass) if rows_per_pass else self.chunk_size(n_cent, n_pairs, budget_bytes)
