@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-test: venv qe
+test: venv qe chromium
 	$(PY) -m pytest -ra -q --durations=25 tests
 
 # the embedded default: the whole ALKPU loop (temperature ladder 300 -> 1400 K, EMT as
@@ -32,6 +32,12 @@ bench: venv
 .PHONY: qe
 qe:
 	command -v pw.x >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq quantum-espresso quantum-espresso-data)
+
+# Debian's chromium, for tests/test_report_page.py (the report page in a headless browser);
+# installed with apt when missing, as root (the test skips, saying so, without it)
+.PHONY: chromium
+chromium:
+	command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) || echo "chromium not installed: tests/test_report_page.py will skip"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

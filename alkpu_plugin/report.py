@@ -5,10 +5,14 @@ Reads a DP-GEN run directory (``alkpu run`` or ``dpgen run``: ``param.json``,
 
 * ``report.json``: every number (built first; the page and the figures are
   rendered from this data only),
-* ``index.md`` and a self-contained ``index.html`` (figures embedded),
-* PNG figures: histograms of the selection values (column 4 of
-  ``model_devi.out``) with the trust levels, validation RMSE per round,
-  observed vs predicted force error per KPU decile.
+* a self-contained ``index.html`` (figures embedded) that leads with a
+  summary: a few sentences, the Table-2 rows and the figure of validation
+  force RMSE per round beside the frames labelled per round; then the
+  calibration, the histograms of the selection values and the cost, with the
+  long tables folded away; ``index.md`` holds the same tables unfolded,
+* PNG figures: that summary figure, observed vs predicted force error per KPU
+  decile, histograms of the selection values (column 4 of ``model_devi.out``)
+  with the trust levels on one shared axis, energy and force RMSE per round.
 
 Per round (the paper's Table 2): temperatures, frames explored (rows of all
 ``model_devi.out``), reliable / selected / discarded (DP-GEN's
@@ -38,8 +42,8 @@ from .runfiles import STAGES_FILE, STEP_NAMES, TIMING_FILE, count_lines
 
 __all__ = [
     "ReportError", "build_report", "write_report", "stage_times", "fmt",
-    "plot_histograms", "plot_validation", "plot_calibration", "render_markdown", "render_html",
-    "FIGURES",
+    "plot_progress", "plot_histograms", "plot_validation", "plot_calibration", "render_markdown",
+    "render_html", "write_pages", "FIGURES",
 ]
 
 CATEGORIES = ("training", "md", "uncertainty", "labelling")
@@ -50,6 +54,7 @@ STAGE_CATEGORY = {
     "make_fp": "labelling", "run_fp": "labelling", "post_fp": "labelling",
 }
 FIGURES = {
+    "progress": "progress.png",
     "histograms": "kpu_histograms.png",
     "validation": "validation_rmse.png",
     "calibration": "calibration.png",
@@ -479,7 +484,7 @@ def build_report(run_dir, validation=None) -> dict:
 
 
 # ----------------------------------------------------------------- figures
-def _figure(nplots: int, ncols: int = 3, size=(4.2, 3.2)):
+def _figure(nplots: int, ncols: int = 3, size=(4.2, 3.2), sharex: bool = False):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -487,7 +492,10 @@ def _figure(nplots: int, ncols: int = 3, size=(4.2, 3.2)):
     nrows = math.ceil(nplots / ncols)
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(nrows, ncols, k + 1) for k in range(nplots)]
+    axes = []
+    for k in range(nplots):
+        share = axes[0] if sharex and axes else None
+        axes.append(fig.add_subplot(nrows, ncols, k + 1, sharex=share))
     return fig, axes
 
 
@@ -495,12 +503,73 @@ def _temps_text(temps) -> str:
     return "/".join(fmt(t) for t in temps) + " K" if temps else "–"
 
 
+def _readable_log_axis(axis) -> None:
+    """At most a handful of labelled ticks on a log axis (1, 2, 5 per decade when the range is
+    short, whole decades otherwise), none on the minor ticks, so the labels never overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = sorted(axis.get_view_interval())
+    decades = math.log10(hi / lo) if lo > 0 else 99
+    subs = (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=6))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}" if 1e-3 <= v < 1e4 else f"{v:.0e}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _hot_set(data: dict) -> dict | None:
+    """The validation set at the highest temperature (the last one when none has a temperature)."""
+    sets = data["validation"]["sets"]
+    if not sets:
+        return None
+    with_t = [s for s in sets if s["temperature"] is not None]
+    return max(with_t, key=lambda s: s["temperature"]) if with_t else sets[-1]
+
+
+def plot_progress(data: dict):
+    """The loop at a glance: force RMSE per round on every validation set (the hottest drawn
+    boldest) beside the frames labelled per round."""
+    rounds = [r for r in data["rounds"] if r["labelled"] is not None or r["selected"] is not None]
+    rows = data["validation"]["rmse"]
+    if not rounds and not rows:
+        return None
+    fig, axes = _figure(2 if rows else 1, ncols=2, size=(4.8, 3.4))
+    if rows:
+        ax = axes[0]
+        hot = _hot_set(data)
+        for s in data["validation"]["sets"]:
+            mine = sorted((r for r in rows if r["set"] == s["name"]), key=lambda r: r["iteration"])
+            bold = hot is not None and s["name"] == hot["name"]
+            ax.plot([r["iteration"] for r in mine], [r["force_rmse"] for r in mine], "o-",
+                    label=s["name"], linewidth=2.5 if bold else 1.2, markersize=5 if bold else 3,
+                    alpha=1.0 if bold else 0.6)
+        ax.set_yscale("log")
+        _readable_log_axis(ax.yaxis)
+        ax.set_xlabel("iteration (model trained at its start)")
+        ax.set_ylabel("validation force RMSE (eV/Å)")
+        ax.set_title("did the error fall?", fontsize=10)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8, title="validation set", title_fontsize=8)
+    ax = axes[-1]
+    its = [r["iteration"] for r in rounds]
+    ax.bar(its, [r["selected"] or 0 for r in rounds], color="#c6d6ea", label="selected (candidates)")
+    ax.bar(its, [r["labelled"] or 0 for r in rounds], color="#4c72b0", width=0.5, label="labelled")
+    if its:
+        ax.set_xticks(its, [f"{ii}\n{_temps_text(r['temps'])}" if r["temps"] else str(ii)
+                            for ii, r in zip(its, rounds)], fontsize=7 if len(its) > 6 else 8)
+    ax.set_xlabel("iteration and exploration temperature")
+    ax.set_ylabel("frames")
+    ax.set_title("where did the loop label?", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_histograms(data: dict):
-    """One panel per explored round: counts per bin (bars) and the trust levels (vertical lines)."""
+    """One panel per explored round, on one shared x axis: counts per bin (bars) and the trust
+    levels (vertical lines)."""
     rounds = [r for r in data["rounds"] if r["histogram"]]
     if not rounds:
         return None
-    fig, axes = _figure(len(rounds))
+    fig, axes = _figure(len(rounds), size=(4.0, 2.8), sharex=True)
     sel = data["selection"]
     for ax, r in zip(axes, rounds):
         h = r["histogram"]
@@ -521,7 +590,12 @@ def plot_histograms(data: dict):
         unit = f" ({sel['unit']})" if sel["unit"] else ""
         ax.set_xlabel(sel["quantity"] + unit, fontsize=8)
         ax.set_ylabel("frames")
+        ax.tick_params(labelsize=8)
         ax.legend(fontsize=7)
+    for ax in axes:
+        if ax.get_xscale() == "log":
+            _readable_log_axis(ax.xaxis)
+            break  # the x axis is shared: its locator and formatters too
     return fig
 
 
@@ -562,24 +636,70 @@ def plot_calibration(data: dict):
     ax.set_xlabel("predicted RMS force error (eV/Å)")
     ax.set_ylabel("observed RMS force error (eV/Å)")
     ax.set_title("calibration per KPU decile of atoms", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncols=2 if len(rounds) > 5 else 1)
     return fig
 
 
-PLOTS = {"histograms": plot_histograms, "validation": plot_validation, "calibration": plot_calibration}
+PLOTS = {"progress": plot_progress, "calibration": plot_calibration, "histograms": plot_histograms,
+         "validation": plot_validation}
 
 
 # ------------------------------------------------------------------- pages
-def _tables(data: dict) -> list[tuple[str, str, list[str], list[list[str]], str | None]]:
-    """(id, title, header, rows, figure key) of each section, numbers formatted with fmt."""
+def _summary_text(data: dict) -> list[str]:
+    """A few sentences: what ran, what it labelled, where the error went."""
+    rounds = data["rounds"]
+    explored = [r for r in rounds if r["frames_explored"] is not None]
+    out = []
+    if explored:
+        labelled = sum(r["labelled"] or 0 for r in explored)
+        temps = sorted({t for r in explored for t in (r["temps"] or [])})
+        span = f" at {fmt(temps[0])}–{fmt(temps[-1])} K" if len(temps) > 1 else (
+            f" at {fmt(temps[0])} K" if temps else "")
+        with_labels = sum(1 for r in explored if r["labelled"])
+        out.append(f"{len(explored)} exploration round(s){span}: "
+                   f"{sum(r['frames_explored'] for r in explored)} frames explored, "
+                   f"{sum(r['selected'] or 0 for r in explored)} selected, {labelled} labelled "
+                   f"(in {with_labels} of the {len(explored)} rounds).")
+    hot = _hot_set(data)
+    if hot is not None:
+        mine = sorted((r for r in data["validation"]["rmse"] if r["set"] == hot["name"]),
+                      key=lambda r: r["iteration"])
+        if mine:
+            first, last = mine[0], mine[-1]
+            out.append(f"Validation force RMSE on {hot['name']} ({hot['frames']} held-out frames): "
+                       f"{fmt(first['force_rmse'])} eV/Å with the model of iteration {first['iteration']}, "
+                       f"{fmt(last['force_rmse'])} eV/Å with that of iteration {last['iteration']}.")
+    sel = data["selection"]
+    out.append(f"Selection by {sel['quantity']} (uncertainty: {sel['uncertainty']}, trust: {sel['trust']}).")
+    return out
+
+
+def _sections(data: dict) -> list[dict]:
+    """The report's sections in page order: id, title, header, rows (numbers formatted with fmt),
+    figure key, and whether the page folds the table away (long tables, details)."""
     sel = data["selection"]
     out = []
+
+    def add(key, title, header, rows, figure=None, folded=False, text=None):
+        out.append({"id": key, "title": title, "header": header, "rows": rows, "figure": figure,
+                    "folded": folded, "text": text})
+
     rows = [[fmt(r["iteration"]), _temps_text(r["temps"]), fmt(r["frames_explored"]), fmt(r["reliable"]),
              fmt(r["selected"]), fmt(r["discarded"]), fmt(r.get("outside_domain")), fmt(r["labelled"]),
              r["status"]] for r in data["rounds"]]
-    out.append(("rounds", "Rounds (Table 2)",
-                ["iteration", "temperature", "explored", "reliable", "selected", "discarded",
-                 "outside domain", "labelled", "status"], rows, None))
+    add("rounds", "Rounds (Table 2)",
+        ["iteration", "temperature", "explored", "reliable", "selected", "discarded",
+         "outside domain", "labelled", "status"], rows, "progress",
+        text="Reliable / selected / discarded are DP-GEN's accurate / candidate / failed frames; "
+             "labelled are the candidates sent to the labeller (at most fp_task_max per round).")
+    cal = [r for r in data["rounds"] if r["calibration"]]
+    if cal:
+        rows = [[fmt(r["iteration"]), fmt(r["calibration"].get("a")), fmt(r["calibration"].get("b")),
+                 fmt(r["calibration"].get("n_atoms")), str(r["calibration"].get("fitted_on", "–"))] for r in cal]
+        add("calibration", "KPU calibration |ΔF_i|² = a·KPU_i + b (eV²/Å²)",
+            ["iteration", "a", "b", "atoms", "fitted on"], rows, "calibration", folded=True,
+            text="Points on the dotted line: the calibrated uncertainty predicts the observed error; "
+                 "above it, the model is worse than its uncertainty says.")
     unit = f" ({sel['unit']})" if sel["unit"] else ""
     rows = [[fmt(r["iteration"]), fmt(r["frames_explored"]),
              fmt(r["values"]["min"]) if r["values"] else "–",
@@ -587,41 +707,38 @@ def _tables(data: dict) -> list[tuple[str, str, list[str], list[list[str]], str 
              fmt(r["values"]["max"]) if r["values"] else "–",
              ", ".join(fmt(v) for v in r["trust_lo"]) or "–", ", ".join(fmt(v) for v in r["trust_hi"]) or "–"]
             for r in data["rounds"] if r["histogram"]]
-    out.append(("selection", f"Selection values: {sel['quantity']}{unit}",
-                ["iteration", "frames", "min", "median", "max", "trust lo", "trust hi"], rows, "histograms"))
-    val = data["validation"]
-    if val["rmse"]:
-        rows = [[fmt(r["iteration"]), r["set"], fmt(r["frames"]), fmt(r["energy_rmse_per_atom"]),
-                 fmt(r["force_rmse"])] for r in val["rmse"]]
-        out.append(("validation", "Validation RMSE (graph.000.pb of each round)",
-                    ["iteration", "set", "frames", "energy RMSE (eV/atom)", "force RMSE (eV/Å)"], rows,
-                    "validation"))
-    cal = [r for r in data["rounds"] if r["calibration"]]
-    if cal:
-        rows = [[fmt(r["iteration"]), fmt(r["calibration"].get("a")), fmt(r["calibration"].get("b")),
-                 fmt(r["calibration"].get("n_atoms")), str(r["calibration"].get("fitted_on", "–"))] for r in cal]
-        out.append(("calibration", "KPU calibration |ΔF_i|² = a·KPU_i + b (eV²/Å²)",
-                    ["iteration", "a", "b", "atoms", "fitted on"], rows, None))
-        rows = [[fmt(r["iteration"]), fmt(d["decile"]), fmt(d["atoms"]), fmt(d["kpu_min"]), fmt(d["kpu_max"]),
-                 fmt(d["observed_rms_error"]), fmt(d["predicted_rms_error"])]
-                for r in cal for d in r["calibration"].get("deciles", [])]
-        if rows:
-            out.append(("deciles", "Observed vs predicted RMS force error per KPU decile (eV/Å)",
-                        ["iteration", "decile", "atoms", "KPU min", "KPU max", "observed", "predicted"], rows,
-                        "calibration"))
-    ktrain = [r for r in data["rounds"] if r["kpu_train"]]
-    if ktrain:
-        rows = [[fmt(r["iteration"]), fmt(r["kpu_train"].get("kpu_train")), fmt(r["kpu_train"].get("frames"))]
-                for r in ktrain]
-        out.append(("kpu_train", "KPU_train (relative trust)", ["iteration", "KPU_train", "frames"], rows, None))
+    add("selection", f"Selection values: {sel['quantity']}{unit}",
+        ["iteration", "frames", "min", "median", "max", "trust lo", "trust hi"], rows, "histograms", folded=True,
+        text="Frames left of the green line are reliable, between the lines selected, right of the red "
+             "line discarded.")
     times = data["stage_times"]
     if times:
         cats = [*times["categories"], "total"]
+        add("cost", "Cost: CPU s / wall s", cats,
+            [[f"{fmt(times['total'][c]['cpu_s'])} / {fmt(times['total'][c]['wall_s'])}" for c in cats]])
         rows = [[fmt(it["iteration"]), *(f"{fmt(it[c]['cpu_s'])} / {fmt(it[c]['wall_s'])}" for c in cats)]
                 for it in times["iterations"]]
         rows.append(["all", *(f"{fmt(times['total'][c]['cpu_s'])} / {fmt(times['total'][c]['wall_s'])}"
                               for c in cats)])
-        out.append(("stage_times", "Cost per iteration: CPU s / wall s", ["iteration", *cats], rows, None))
+        add("stage_times", "Cost per iteration: CPU s / wall s", ["iteration", *cats], rows, folded=True)
+    val = data["validation"]
+    if val["rmse"]:
+        rows = [[fmt(r["iteration"]), r["set"], fmt(r["frames"]), fmt(r["energy_rmse_per_atom"]),
+                 fmt(r["force_rmse"])] for r in val["rmse"]]
+        add("validation", "Validation RMSE (graph.000.pb of each round)",
+            ["iteration", "set", "frames", "energy RMSE (eV/atom)", "force RMSE (eV/Å)"], rows,
+            "validation", folded=True)
+    rows = [[fmt(r["iteration"]), fmt(d["decile"]), fmt(d["atoms"]), fmt(d["kpu_min"]), fmt(d["kpu_max"]),
+             fmt(d["observed_rms_error"]), fmt(d["predicted_rms_error"])]
+            for r in cal for d in r["calibration"].get("deciles", [])]
+    if rows:
+        add("deciles", "Observed vs predicted RMS force error per KPU decile (eV/Å)",
+            ["iteration", "decile", "atoms", "KPU min", "KPU max", "observed", "predicted"], rows, folded=True)
+    ktrain = [r for r in data["rounds"] if r["kpu_train"]]
+    if ktrain:
+        rows = [[fmt(r["iteration"]), fmt(r["kpu_train"].get("kpu_train")), fmt(r["kpu_train"].get("frames"))]
+                for r in ktrain]
+        add("kpu_train", "KPU_train (relative trust)", ["iteration", "KPU_train", "frames"], rows, folded=True)
     return out
 
 
@@ -630,51 +747,96 @@ def render_markdown(data: dict) -> str:
              f" (trust: {data['selection']['trust']})  "]
     if data["record"]:
         lines.append(f"Last finished step: iteration {data['record']['iteration']}, {data['record']['step']}")
-    lines.append("")
+    lines += ["", "## Summary", "", *_summary_text(data), ""]
     if data["notes"]:
         lines += ["## Notes", "", *(f"* {n}" for n in data["notes"]), ""]
-    for _, title, header, rows, fig in _tables(data):
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    for sec in _sections(data):
+        header = sec["header"]
+        lines += [f"## {sec['title']}", ""]
+        fig = sec["figure"]
+        if fig and fig in data["figures"] and fig != "validation":
+            lines += [f"![{fig}]({data['figures'][fig]})", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in sec["rows"]]
         lines.append("")
-        if fig and fig in data["figures"]:
+        if fig == "validation" and fig in data["figures"]:
             lines += [f"![{fig}]({data['figures'][fig]})", ""]
     return "\n".join(lines)
 
 
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.4}"
+          "table{border-collapse:collapse;margin:0.5em 0 1em}td,th{border:1px solid #ccc;padding:2px 8px;"
+          "text-align:right}th{background:#eee}img{max-width:100%;display:block;margin:0.5em 0}"
+          "#summary{background:#f4f7fb;border:1px solid #d5deea;padding:0.2em 1em 0.5em;margin-bottom:1.5em}"
+          "details{margin:0.3em 0 1em}summary{cursor:pointer;color:#333}.lead{font-size:1.05em}"
+          ".muted{color:#555;font-size:0.9em}")
+
+
 def render_html(data: dict, images: dict[str, bytes]) -> str:
+    """One self-contained page: the summary (Table 2 and the figures that answer "did the loop label
+    where the model was wrong, and did the error fall") first, long tables folded in details."""
     esc = html.escape
+
+    def table(header, rows):
+        return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>\n"
+                + "\n".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+                + "</table>")
+
+    def image(key):
+        if key not in images:
+            return ""
+        b64 = base64.b64encode(images[key]).decode("ascii")
+        return f"<img alt=\"{key}\" src=\"data:image/png;base64,{b64}\">"
+
+    sel = data["selection"]
     parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\"><title>ALKPU run report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px;"
-             "text-align:right}th{background:#eee}img{max-width:100%}</style></head><body>",
-             "<h1>ALKPU run report</h1>", f"<p>Run: <code>{esc(data['run_dir'])}</code><br>",
-             f"Uncertainty: {esc(data['selection']['uncertainty'])} (trust: {esc(data['selection']['trust'])})"]
-    if data["record"]:
-        parts.append(f"<br>Last finished step: iteration {data['record']['iteration']}, "
-                     f"{esc(data['record']['step'])}")
-    parts.append("</p>")
+             f"<style>{_STYLE}</style></head><body>", "<h1>ALKPU run report</h1>"]
+    sections = _sections(data)
+    rounds = sections[0]
+    parts.append("<section id=\"summary\"><h2>Summary</h2>")
+    parts += [f"<p class=\"lead\">{esc(t)}</p>" for t in _summary_text(data)]
+    parts.append(table(rounds["header"], rounds["rows"]))
+    parts.append(f"<p class=\"muted\">{esc(rounds['text'])}</p>")
+    parts.append(image("progress"))
+    parts.append("</section>")
     if data["notes"]:
         parts += ["<h2>Notes</h2><ul>", *(f"<li>{esc(n)}</li>" for n in data["notes"]), "</ul>"]
-    for key, title, header, rows, fig in _tables(data):
-        parts.append(f"<h2 id=\"{key}\">{esc(title)}</h2><table><tr>"
-                     + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
-        parts.append("</table>")
-        if fig and fig in images:
-            b64 = base64.b64encode(images[fig]).decode("ascii")
-            parts.append(f"<img alt=\"{fig}\" src=\"data:image/png;base64,{b64}\">")
+    # sections with something to show (a figure or a short table) get a heading; long tables
+    # without one of their own are folded at the end
+    shown = [sec for sec in sections[1:] if not sec["folded"] or sec["text"]]
+    rest = [sec for sec in sections[1:] if sec["folded"] and not sec["text"]]
+    for sec in shown:
+        parts.append(f"<h2 id=\"{sec['id']}\">{esc(sec['title'])}</h2>")
+        if sec["text"]:
+            parts.append(f"<p class=\"muted\">{esc(sec['text'])}</p>")
+        if sec["figure"]:
+            parts.append(image(sec["figure"]))
+        if sec["folded"]:
+            parts.append(f"<details><summary>table ({len(sec['rows'])} rows)</summary>")
+        parts.append(table(sec["header"], sec["rows"]))
+        if sec["folded"]:
+            parts.append("</details>")
+    if rest:
+        parts.append("<h2 id=\"details\">More tables</h2>")
+    for sec in rest:
+        parts.append(f"<details id=\"{sec['id']}\"><summary>{esc(sec['title'])} ({len(sec['rows'])} rows)"
+                     "</summary>")
+        parts.append(table(sec["header"], sec["rows"]))
+        if sec["figure"]:
+            parts.append(image(sec["figure"]))
+        parts.append("</details>")
+    parts.append(f"<p class=\"muted\">Run: <code>{esc(data['run_dir'])}</code>; uncertainty: "
+                 f"{esc(sel['uncertainty'])} (trust: {esc(sel['trust'])})"
+                 + (f"; last finished step: iteration {data['record']['iteration']}, "
+                    f"{esc(data['record']['step'])}" if data["record"] else "")
+                 + ". Every number is in report.json.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_report(run_dir, out_dir=None, validation=None, overwrite: bool = False) -> Path:
-    """Build the report and write report.json, the figures, index.md and index.html; returns out_dir."""
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ReportError(f"{out_dir} exists and is not empty; choose another output (-o) or pass --overwrite")
-    data = build_report(run_dir, validation)
+def write_pages(data: dict, out_dir) -> Path:
+    """Render the figures and pages of report data (as :func:`build_report` returns it) into out_dir."""
+    out_dir = Path(out_dir)
     images = {}
     for key, plot in PLOTS.items():
         fig = plot(data)
@@ -694,3 +856,12 @@ def write_report(run_dir, out_dir=None, validation=None, overwrite: bool = False
     (out_dir / "index.md").write_text(render_markdown(data))
     (out_dir / "index.html").write_text(render_html(data, images))
     return out_dir
+
+
+def write_report(run_dir, out_dir=None, validation=None, overwrite: bool = False) -> Path:
+    """Build the report and write report.json, the figures, index.md and index.html; returns out_dir."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ReportError(f"{out_dir} exists and is not empty; choose another output (-o) or pass --overwrite")
+    return write_pages(build_report(run_dir, validation), out_dir)

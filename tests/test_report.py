@@ -235,11 +235,12 @@ def test_figures_and_pages(report):
     _, out, data = report
     from matplotlib.image import imread
 
-    assert data["figures"] == {"histograms": "kpu_histograms.png", "validation": "validation_rmse.png",
-                               "calibration": "calibration.png"}
+    assert data["figures"] == {"progress": "progress.png", "histograms": "kpu_histograms.png",
+                               "validation": "validation_rmse.png", "calibration": "calibration.png"}
     md, page = (out / "index.md").read_text(), (out / "index.html").read_text()
     embedded = re.findall(r'<img alt="(\w+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
-    assert [k for k, _ in embedded] == ["histograms", "validation", "calibration"]
+    # the summary figure first (test_report_page.py looks at the page in a browser)
+    assert [k for k, _ in embedded] == ["progress", "calibration", "histograms", "validation"]
     for key, b64 in embedded:
         png = out / data["figures"][key]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
