@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +27,97 @@ def _refuse_existing(paths, overwrite: bool) -> None:
         )
 
 
+def _detect_fmt(path: str, fmt: str | None, default: str, command: str = "alkpu") -> str:
+    """The dpdata format of ``path``: ``fmt`` when given (-f), else recognised from the files
+    (a deepmd/npy or deepmd/raw system, a DP-GEN traj/ of <step>.lammpstrj, a LAMMPS dump),
+    else ``default``; a directory recognised as none of them is refused with the -f to pass."""
+    if fmt:
+        return fmt
+    p = Path(path)
+    if p.is_dir():
+        if (p / "type.raw").is_file():
+            if any(q.is_dir() and q.name.startswith("set.") for q in p.iterdir()):
+                return "deepmd/npy"
+            if (p / "coord.raw").is_file():
+                return "deepmd/raw"
+        if any(re.fullmatch(r"\d+\.lammpstrj", q.name) for q in p.iterdir()):
+            return "lammps/dump"
+        if default == "lammps/dump":
+            raise SystemExit(
+                f"{command}: error: {p} is neither a DP-GEN traj/ directory (<step>.lammpstrj files) nor a "
+                "deepmd/npy system (type.raw and set.*/); pass its dpdata format with -f, e.g. "
+                "-f deepmd/npy, -f vasp/outcar, -f lammps/dump")
+        return default
+    if p.is_file() and p.suffix in (".lammpstrj", ".dump") or p.name.startswith("dump"):
+        return "lammps/dump"
+    return default
+
+
+class _Progress:
+    """Progress lines for long KPU computations whose output is not a terminal (a log file, a
+    batch job): ``label: done/total frames, elapsed, left`` about every ``every`` seconds."""
+
+    def __init__(self, label: str, total: int, every: float = 30.0):
+        import time
+
+        self.label, self.total, self.every = label, total, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        if done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / done * (self.total - done) if done else float("nan")
+        print(f"{self.label}: {done}/{self.total} frames, {elapsed:.0f} s elapsed"
+              + (f", about {left:.0f} s left" if done < self.total else ""), file=sys.stderr, flush=True)
+
+
+def _with_progress_lines(engine, label: str, chunk_s: float = 30.0):
+    """Make ``engine.compute`` print progress lines when stderr is not a terminal.
+
+    A terminal gets the engine's own progress bar. Otherwise the frames are computed in
+    chunks (P factorised once, as for all the frames together, so the numbers are the same)
+    with a line after each chunk; chunks grow to about ``chunk_s`` seconds each.
+    """
+    if sys.stderr.isatty():
+        return engine
+    import time
+
+    import numpy as np
+
+    from .kpu_engine import KPUResult
+
+    compute = engine.compute
+
+    def chunked(system, frames=None, steps=None, progress=None):
+        idx = list(range(system.get_nframes())) if frames is None else list(frames)
+        if len(idx) < 2:
+            return compute(system, frames=idx, steps=steps, progress=False)
+        if getattr(engine, "factorize", False):
+            natoms = int(np.asarray(system["atom_types"]).size)
+            engine.kf.factorize(expected_rows=len(idx) * (3 * natoms + 1 + (9 if engine.virial else 0)))
+        report = _Progress(label, len(idx), every=chunk_s)
+        report(0)
+        parts, at, size = [], 0, 1
+        while at < len(idx):
+            tic = time.perf_counter()
+            parts.append(compute(system, frames=idx[at:at + size], steps=steps, progress=False))
+            at += size
+            report(at)
+            per_frame = (time.perf_counter() - tic) / size
+            size = max(1, min(len(idx) - at, int(chunk_s / max(per_frame, 1e-3))))
+        if len(parts) == 1:
+            return parts[0]
+        return KPUResult.concatenate(parts)
+
+    engine.compute = chunked
+    return engine
+
+
 def cmd_kpu(args) -> int:
     from .kpu_engine import KPUEngine, KPUResult, load_configurations
     from .model_devi import write_result
@@ -39,10 +131,12 @@ def cmd_kpu(args) -> int:
     else:
         if not args.model or not args.system:
             raise SystemExit("alkpu kpu: error: --model and --system are needed (or --merge PARTS)")
+        fmt = _detect_fmt(args.system, args.fmt, "lammps/dump", "alkpu kpu")
         engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass,
                            memory_limit=args.memory_limit,
                            density_factor=args.density_factor)
-        system, steps = load_configurations(args.system, args.fmt, engine.type_map)
+        system, steps = load_configurations(args.system, fmt, engine.type_map)
+        _with_progress_lines(engine, "alkpu kpu")
         result = engine.compute(system, frames=_frames_arg(args.frames), steps=steps)
     if detail is not None:
         result.save(detail)
@@ -68,13 +162,16 @@ def cmd_calibrate(args) -> int:
     from .calibration import calibrate, deciles, save_calibration
     from .kpu_engine import KPUEngine
 
-    engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, memory_limit=args.memory_limit)
-    system = dpdata.LabeledSystem(args.system, fmt=args.fmt)
-    cal, kpu, sq = calibrate(engine, system)
+    fmt = _detect_fmt(args.system, args.fmt, "deepmd/npy", "alkpu calibrate")
+    engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass,
+                       memory_limit=args.memory_limit, density_factor=args.density_factor)
+    system = dpdata.LabeledSystem(args.system, fmt=fmt)
+    _with_progress_lines(engine, "alkpu calibrate")
+    cal, kpu, sq = calibrate(engine, system, frames=_frames_arg(args.frames))
     path = save_calibration(engine.state_path, cal)
     report = {"calibration": cal, "saved": str(path)}
     if args.holdout:
-        held = dpdata.LabeledSystem(args.holdout, fmt=args.fmt)
+        held = dpdata.LabeledSystem(args.holdout, fmt=_detect_fmt(args.holdout, args.fmt, "deepmd/npy"))
         engine.calibration = cal
         _, kpu_h, sq_h = calibrate(engine, held)
         report["holdout_deciles"] = deciles(kpu_h, sq_h, cal)
@@ -160,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help="frozen model (dp freeze output)")
     p.add_argument("-k", "--kalman-state", help="its Kalman state (default: found from the model)")
     p.add_argument("-s", "--system", help="configurations (a DP-GEN traj/ directory, a LAMMPS dump, ...)")
-    p.add_argument("-f", "--fmt", default="lammps/dump", help="dpdata format of --system (default lammps/dump)")
+    p.add_argument("-f", "--fmt", default=None,
+                   help="dpdata format of --system (default: deepmd/npy or deepmd/raw when the directory is "
+                   "such a system, else lammps/dump)")
     p.add_argument("-o", "--output", default="model_devi.out", help="DP-GEN model_devi.out to write ('' for none)")
     p.add_argument("--detail", help="also write every number (per-atom KPU, energy KPU, ...) to this .npz")
     p.add_argument("--frames", help="only frames START:STOP (for splitting a trajectory into tasks)")
@@ -180,11 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", required=True)
     p.add_argument("-k", "--kalman-state")
     p.add_argument("-s", "--system", required=True, help="labelled frames to fit on")
-    p.add_argument("-f", "--fmt", default="deepmd/npy")
+    p.add_argument("-f", "--fmt", default=None,
+                   help="dpdata format of --system and --holdout (default: recognised, else deepmd/npy)")
     p.add_argument("--holdout", help="labelled frames for the per-decile check")
+    p.add_argument("--frames", help="only frames START:STOP of --system")
+    p.add_argument("--rows-per-pass", type=int, default=None, help="as in `alkpu kpu`")
     p.add_argument("--memory-limit", type=float, default=None, help="as in `alkpu kpu`")
+    p.add_argument("--density-factor", type=float, default=None, help="as in `alkpu kpu`")
     p.add_argument("--report", help="write the JSON report here too")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="as in `alkpu kpu`")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("run", help="DP-GEN's loop (`dpgen run`), with ALKPU when param.json has \"uncertainty\": \"kpu\"")
     p.add_argument("param")

@@ -12,6 +12,10 @@ min_devi_v avg_devi_v max_devi_f min_devi_f avg_devi_f``.  DP-GEN's selection
 * a frame outside the model's domain (:mod:`alkpu_plugin.domain`) gets
   :data:`OUT_OF_DOMAIN` in both max columns (1 and 4), above any trust level:
   DP-GEN counts it as failed, never as accurate.
+
+Without a calibration the columns hold √KPU (and √KPU / N for the virial), not
+eV/Å: a second header line says so (:data:`UNCALIBRATED`), since DP-GEN's trust
+levels in eV/Å mean nothing against them.
 """
 
 from __future__ import annotations
@@ -24,22 +28,27 @@ import numpy as np
 
 from .atomic import atomic_write
 
-__all__ = ["HEADER", "OUT_OF_DOMAIN", "write_model_devi", "write_result", "read_model_devi", "devi_values"]
+__all__ = ["HEADER", "UNCALIBRATED", "OUT_OF_DOMAIN", "write_model_devi", "write_result", "read_model_devi", "devi_values"]
 
 HEADER = "%12s" % "step" + "".join("%19s" % c for c in (
     "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"))
+
+#: the second header line of a file written without a calibration
+UNCALIBRATED = ("# uncalibrated: columns hold sqrt(KPU), not eV/A; do not compare them with trust levels "
+                "in eV/A (alkpu calibrate -m MODEL -s LABELLED_FRAMES fits the scale)")
 
 #: written in the max columns of frames outside the model's domain
 OUT_OF_DOMAIN = 1.0e10
 
 
 def write_model_devi(path: str | os.PathLike, steps, atom_sigma, virial_sigma=None,
-                     out_of_domain=None) -> Path:
+                     out_of_domain=None, note: str | None = None) -> Path:
     """Write the file atomically.
 
     ``atom_sigma``: per-frame, per-atom force uncertainties (F, N) (or (F, 1) per
     frame); ``virial_sigma``: (F, 9) per-atom virial uncertainties, or None for
-    zero virial columns; ``out_of_domain``: (F,) flags of frames to mark as failed.
+    zero virial columns; ``out_of_domain``: (F,) flags of frames to mark as failed;
+    ``note``: a comment line written under the column header.
     """
     sigma = np.asarray(atom_sigma, dtype=np.float64)
     steps = np.asarray(steps, dtype=np.int64)
@@ -63,6 +72,9 @@ def write_model_devi(path: str | os.PathLike, steps, atom_sigma, virial_sigma=No
         table[bad, 4] = OUT_OF_DOMAIN
     buf = io.StringIO()
     buf.write("#" + HEADER[1:] + "\n")
+    if note:
+        buf.write(note if note.startswith("#") else "# " + note)
+        buf.write("\n")
     for row in table:
         buf.write("%12d" % row[0] + "".join("%19.6e" % v for v in row[1:]) + "\n")
     return atomic_write(path, lambda fh: fh.write(buf.getvalue()), binary=False)
@@ -72,9 +84,11 @@ def write_result(path: str | os.PathLike, result, values=None) -> Path:
     """``model_devi.out`` of a :class:`~alkpu_plugin.kpu_engine.KPUResult`.
 
     ``values`` replaces the force columns' per-atom values (see :func:`devi_values`).
+    Without a calibration (and without ``values``) the file says it holds √KPU.
     """
+    note = UNCALIBRATED if values is None and not result.calibration else None
     return write_model_devi(path, result.steps, result.atom_sigma if values is None else values,
-                            result.virial_sigma, result.out_of_domain)
+                            result.virial_sigma, result.out_of_domain, note)
 
 
 def read_model_devi(path: str | os.PathLike) -> np.ndarray:
