@@ -289,35 +289,41 @@ class KPUEngine:
     def frame_kpu(self, frame, index: int) -> FrameKPU:
         """KPU of one frame: energy, virial (unless switched off) and every force component.
 
-        Rows are streamed: chunks from the jacobian are gathered up to a batch of
-        rows (a third of ``memory_limit``), and each batch's quadratic forms read
-        every block of P once.
+        Rows are streamed: chunks from the jacobian are copied into a batch of rows
+        (a third of ``memory_limit``), and each batch's quadratic forms read every
+        block of P once.
         """
         head = 1 + (9 if self.virial else 0)
         kpu = np.empty(head + 3 * frame.atype.size)
-        batch = max(1, int(self.memory_limit * 1e9 / 3 // (8 * self.kf.layout.n)))
-        pending: list[tuple[int, np.ndarray]] = []
+        n = self.kf.layout.n
+        batch = int(min(kpu.size, max(1, self.memory_limit * 1e9 / 3 // (8 * n))))
+        buf = np.empty((batch, n))
+        where: list[tuple[int, int, int]] = []  # (row in buf, first output row, rows)
+        quadratic = [0.0]
 
         def flush():
             tic = time.perf_counter()
-            rows = np.vstack([r for _, r in pending])
-            values = kpu_math.component_kpu(self.kf, rows, rows_per_pass=rows.shape[0])
-            at = 0
-            for start, r in pending:
-                kpu[start : start + r.shape[0]] = values[at : at + r.shape[0]]
-                at += r.shape[0]
-            pending.clear()
+            used = where[-1][0] + where[-1][2]
+            values = kpu_math.component_kpu(self.kf, buf[:used], rows_per_pass=used)
+            for at, start, m in where:
+                kpu[start : start + m] = values[at : at + m]
+            where.clear()
             quadratic[0] += time.perf_counter() - tic
 
         def sink(start, rows):
-            pending.append((start, rows))
-            if sum(r.shape[0] for _, r in pending) >= batch:
-                flush()
+            done = 0
+            while done < rows.shape[0]:
+                at = where[-1][0] + where[-1][2] if where else 0
+                m = min(batch - at, rows.shape[0] - done)
+                buf[at : at + m] = rows[done : done + m]
+                where.append((at, start + done, m))
+                done += m
+                if at + m == batch:
+                    flush()
 
-        quadratic = [0.0]
         tic = time.perf_counter()
         self.jacobian.rows_into(frame, sink, energy=True, virial=self.virial)
-        if pending:
+        if where:
             flush()
         self.timing["quadratic_s"] += quadratic[0]
         self.timing["rows_s"] += time.perf_counter() - tic - quadratic[0]
