@@ -386,7 +386,9 @@ def _kpu_train(ii: int, jdata: dict, train_dir: Path, kpu: dict) -> None:
 
 
 def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int = 24) -> None:
-    """Fit the KPU scale on ``max_frames`` training frames drawn at random from all systems."""
+    """Fit the KPU scale on training frames drawn at random from all systems: as many as hold
+    ``kpu/calibration_atoms`` atoms (at most ``max_frames``), so that the cost follows the
+    atoms the fit needs, not the frame size."""
     import numpy as np
 
     from ..calibration import deciles, fit, fit_virial, force_errors, save_calibration, virial_errors
@@ -398,7 +400,10 @@ def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int
     rng = np.random.default_rng([int(kpu.get("seed", 0)), ii])
     systems = _training_systems(ii, jdata)
     pool = [(i, f) for i, system in enumerate(systems) for f in range(system.get_nframes())]
-    picked = sorted(pool[k] for k in rng.choice(len(pool), size=min(len(pool), max_frames), replace=False))
+    order = rng.permutation(len(pool))[:max_frames]
+    atoms = np.cumsum([systems[pool[k][0]].get_natoms() for k in order])
+    want = int(kpu.get("calibration_atoms", 768))
+    picked = sorted(pool[k] for k in order[: int(np.searchsorted(atoms, want)) + 1])
     for i, system in enumerate(systems):
         frames = [f for j, f in picked if j == i]
         if not frames:

@@ -31,7 +31,8 @@ from dargs import Argument
 
 from ..deepmd_tf.schema import rlekf_arguments
 
-__all__ = ["AlkpuSettings", "ParamError", "split_param", "kpu_arguments", "alkpu_arguments"]
+__all__ = ["AlkpuSettings", "ParamError", "split_param", "separate", "kpu_problems", "check_dpgen_schema",
+           "kpu_arguments", "alkpu_arguments"]
 
 UNCERTAINTY = "uncertainty"
 KPU = "kpu"
@@ -94,6 +95,10 @@ def kpu_arguments() -> list[Argument]:
         Argument("rows_per_pass", [int, None], optional=True, default=None,
                  extra_check=lambda x: x is None or x > 0, extra_check_errmsg="rows_per_pass must be positive",
                  doc="Force components per graph evaluation; default: as many as memory_limit allows."),
+        Argument("calibration_atoms", int, optional=True, default=768,
+                 extra_check=lambda x: x > 0, extra_check_errmsg="calibration_atoms must be positive",
+                 doc="Atoms of training frames (drawn at random, at most 24 frames) on which each "
+                 "round's KPU calibration is fitted."),
         Argument("memory_limit", [int, float], optional=True, default=2.0,
                  extra_check=lambda x: x > 0, extra_check_errmsg="memory_limit must be a positive number of GB",
                  doc="GB the KPU of a frame may use beyond the model, P and the frame's own arrays "
@@ -145,11 +150,11 @@ def _trust_values(value) -> list[float]:
     return [float(value)]
 
 
-def split_param(jdata: dict, check_dpgen: bool = True) -> tuple[dict, AlkpuSettings]:
-    """(DP-GEN's param without our keys, our settings), every check done.
+def separate(jdata: dict) -> tuple[dict, AlkpuSettings]:
+    """(DP-GEN's param without our keys, our settings checked by their own schema).
 
-    Raises :class:`ParamError` (or dargs' own errors, in DP-GEN's style) naming
-    the problem; nothing is written.
+    Raises dargs' errors (in DP-GEN's style) for our keys; DP-GEN's keys are not
+    looked at.
     """
     dpgen = copy.deepcopy(jdata)
     ours = {k: dpgen.pop(k) for k in (UNCERTAINTY, KPU, CHECK_INTERVAL, SEED) if k in dpgen}
@@ -157,56 +162,89 @@ def split_param(jdata: dict, check_dpgen: bool = True) -> tuple[dict, AlkpuSetti
     arg = alkpu_arguments()
     ours = arg.normalize_value(ours, trim_pattern="_*")
     arg.check_value(ours, strict=True)
-    settings = AlkpuSettings(ours[UNCERTAINTY], ours[KPU], ours[CHECK_INTERVAL], ours[SEED])
-    if settings.is_kpu:
-        _check_kpu(dpgen, settings.kpu)
-    if check_dpgen:
-        from dpgen.generator.arginfo import run_jdata_arginfo
-        from dpgen.util import normalize
+    return dpgen, AlkpuSettings(ours[UNCERTAINTY], ours[KPU], ours[CHECK_INTERVAL], ours[SEED])
 
-        normalize(run_jdata_arginfo(), copy.deepcopy(dpgen))
+
+def check_dpgen_schema(dpgen: dict) -> None:
+    """DP-GEN's own strict check of param.json (what ``dpgen run`` does first)."""
+    from dpgen.generator.arginfo import run_jdata_arginfo
+    from dpgen.util import normalize
+
+    normalize(run_jdata_arginfo(), copy.deepcopy(dpgen))
+
+
+def split_param(jdata: dict, check_dpgen: bool = True) -> tuple[dict, AlkpuSettings]:
+    """(DP-GEN's param without our keys, our settings), every check done.
+
+    Raises :class:`ParamError` (or dargs' own errors, in DP-GEN's style) naming
+    the problem; nothing is written.
+    """
+    dpgen, settings = separate(jdata)
+    if settings.is_kpu:
+        problems = kpu_problems(dpgen, settings.kpu)
+        if problems:
+            raise ParamError("\n".join(problems))
+    if check_dpgen:
+        check_dpgen_schema(dpgen)
     return dpgen, settings
 
 
-def _check_kpu(dpgen: dict, kpu: dict) -> None:
+def kpu_problems(dpgen: dict, kpu: dict) -> list[str]:
+    """What in a param.json keeps kpu mode from running, one message per problem."""
+    problems = []
     backend = dpgen.get("train_backend", "tensorflow")
     if backend != "tensorflow":
-        raise ParamError(
+        problems.append(
             f'"uncertainty": "kpu" trains with RLEKF, which runs on DeePMD-kit\'s TensorFlow '
             f'backend; this param.json sets "train_backend": "{backend}". Remove train_backend '
             'or set it to "tensorflow".'
         )
     training = dpgen.get("default_training_param", {})
-    opt = (training.get("optimizer") or {}).get("type")
+    if isinstance(training, list):
+        problems.append(
+            'default_training_param is a list (one training input per committee model); "uncertainty": '
+            '"kpu" trains one model: give one training input (a dict).'
+        )
+        return problems
+    opt = (training.get("optimizer") or {}).get("type") if isinstance(training, dict) else None
     if opt not in (None, "Adam", "RLEKF"):
-        raise ParamError(
+        problems.append(
             f'default_training_param/optimizer/type is "{opt}"; kpu mode replaces it with RLEKF. '
             'Remove it or use "RLEKF".'
         )
     if kpu["trust"] == "relative":
         lo, hi = kpu["eps_lo"], kpu["eps_hi"]
         if lo is None or hi is None:
-            raise ParamError(
+            problems.append(
                 'kpu/trust "relative" needs kpu/eps_lo and kpu/eps_hi (multipliers of KPU_train, '
                 "e.g. 1.0 and 2.0)"
             )
-        if not 0 <= lo <= hi:
-            raise ParamError(f"kpu/eps_lo ({lo}) must be >= 0 and not above kpu/eps_hi ({hi})")
+        elif not 0 <= lo <= hi:
+            problems.append(f"kpu/eps_lo ({lo}) must be >= 0 and not above kpu/eps_hi ({hi})")
     else:
         missing = [k for k in ("model_devi_f_trust_lo", "model_devi_f_trust_hi") if k not in dpgen]
         if missing:
-            raise ParamError(
+            problems.append(
                 f"kpu/trust \"calibrated\" compares the calibrated force uncertainty (eV/A) with "
                 f"DP-GEN's trust levels; {' and '.join(missing)} missing. Set them (e.g. 0.05 and "
                 '0.15), or use kpu/trust "relative" with eps_lo/eps_hi.'
             )
-        for lo, hi in zip(_trust_values(dpgen["model_devi_f_trust_lo"]),
-                          _trust_values(dpgen["model_devi_f_trust_hi"])):
-            if lo > hi:
-                raise ParamError(
-                    f"model_devi_f_trust_lo ({lo}) is above model_devi_f_trust_hi ({hi})"
-                )
-    _check_p_memory(dpgen, kpu)
+        else:
+            try:
+                pairs = list(zip(_trust_values(dpgen["model_devi_f_trust_lo"]),
+                                 _trust_values(dpgen["model_devi_f_trust_hi"])))
+            except (TypeError, ValueError):
+                pairs = []  # DP-GEN's own schema names a value that is not a number
+            for lo, hi in pairs:
+                if lo > hi:
+                    problems.append(
+                        f"model_devi_f_trust_lo ({lo}) is above model_devi_f_trust_hi ({hi})"
+                    )
+    try:
+        _check_p_memory(dpgen, kpu)
+    except ParamError as exc:
+        problems.append(str(exc))
+    return problems
 
 
 def _check_p_memory(dpgen: dict, kpu: dict) -> None:
@@ -229,6 +267,11 @@ def _check_p_memory(dpgen: dict, kpu: dict) -> None:
         tensors = model_tensors(training.get("model") or {}, dpgen.get("type_map"))
     except UnsupportedModel as exc:
         log.info("kpu: P's memory is checked by dp train, not before the run (weights of %s not counted)", exc)
+        return
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        # a model DeePMD-kit's own check of the training input rejects (preflight names it)
+        log.info("kpu: P's memory not estimated, the model's keys are not DeePMD-kit's (%s: %s)",
+                 type(exc).__name__, exc)
         return
     try:
         plan = plan_p(
