@@ -183,9 +183,9 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .dpgen.driver import run
+    from .dpgen.command import run_checked
 
-    run(args.param, args.machine)
+    run_checked(args.param, args.machine)  # every input check, then the loop
     return 0
 
 
