@@ -212,9 +212,13 @@ def test_chunked_rows_and_a_tiny_memory_budget_give_the_same_numbers(name, model
     whole = jac.force_rows(frame, energy=True, virial=True)
     assert jac.path == "se_e2_a structure"
     reference = engine.frame_kpu(frame, 0)
-    for rows_per_pass in (1, 7, 50):
-        jac.rows_per_pass = rows_per_pass
-        assert _rel(jac.force_rows(frame, energy=True, virial=True), whole) <= 1e-12
+    # both ways of making the embedding part through T: dT/dw per frame, or per pair
+    for path in ("dense", "pair"):
+        jac._structure.force_path = path
+        for rows_per_pass in (1, 7, 50):
+            jac.rows_per_pass = rows_per_pass
+            assert _rel(jac.force_rows(frame, energy=True, virial=True), whole) <= 1e-12, (path, rows_per_pass)
+    jac._structure.force_path = None
     jac.rows_per_pass = None
     tiny = KPUEngine(models(name), seed=2, memory_limit=1e-6)
     assert tiny.jacobian._structure.chunk_size(80, 150, tiny.jacobian.memory_limit * 1e9) == 1
@@ -242,6 +246,9 @@ def test_a_500_atom_two_species_frame(models):
     assert _rel(rows[9:], brute) <= 1e-10
     feed, _ = jac._feed(frame)
     assert _rel(rows[:9], jac._run_virial_rows(feed)) <= 1e-10  # generic autodiff
+    jac._structure.force_path = "dense"  # the other way of making the rows, at 500 atoms
+    assert _rel(jac.force_rows(frame, comps, virial=True), rows) <= 1e-12
+    jac._structure.force_path = None
     one = engine.frame_kpu(frame, 0)
     assert one.components.shape == (1500,) and np.all(one.components > 0)
     assert np.all(np.isfinite(one.virial)) and one.energy > 0

@@ -154,11 +154,13 @@ def _mm(x, W):
     return tf.tensordot(x, W, 1)
 
 
-def _embed(s, layers, derivative=True):
+def _embed(s, layers, derivative=True, trace=None):
     """DeePMD's embedding net on inputs s: (G, dG/ds), each s.shape + (M1,).
 
     ``layers``: (matrix, bias, idt or None) per layer, shared or one copy per
-    component (then s is (C, pairs)). Without ``derivative``: (G, None).
+    component (then s is (C, pairs)). Without ``derivative``: (G, None). A list
+    ``trace`` receives each layer's (input, tanh output, kind, idt) for
+    :func:`_weight_jacobian`.
     """
     x = tf.expand_dims(s, -1)
     dx = tf.ones_like(x) if derivative else None
@@ -167,6 +169,8 @@ def _embed(s, layers, derivative=True):
         h = tf.tanh(_mm(x, W) + b)
         dh = (1.0 - h * h) * _mm(dx, W) if derivative else None
         kind = "add" if n_out == n_in else "concat" if n_out == 2 * n_in else "new"
+        if trace is not None:
+            trace.append((x, h, kind, idt if kind != "new" else None))
         if idt is not None and kind != "new":
             h = h * idt
             dh = dh * idt if derivative else None
@@ -193,6 +197,65 @@ def _fit_tangent(x, dx, layers, final):
         else:
             x, dx = h, dh
     return _mm(dx, final)
+
+
+def _weight_jacobian(R, trace, layers, nnei):
+    """dT/dw_e per embedding weight of one net, in layout order (matrix, bias, idt per layer).
+
+    ``R`` (n, S_b, 4) the environment rows the net sees; T = 1/nnei sum_j R_j (x) G_j.
+    Returns (kind, tensor) pairs: ``("full", (n*4*M1, size))`` or, for the last
+    layer where dG/dz is diagonal, ``("diag", (n*4, in, out))`` for the matrix and
+    ``("diag", (n*4, out))`` for the bias and the idt.
+    """
+    nloc, S = tf.shape(R)[0], tf.shape(R)[1]
+    Rs = R / nnei  # T carries 1/S: fold it into the small factor once
+    m1 = layers[-1][0].shape.as_list()[1]
+    out = []
+    J = None  # dG/dx_l, (nloc, S, M1, width of x_l)
+    last = len(layers) - 1
+    for depth, ((W, _, _), (x, h, kind, idt)) in enumerate(zip(reversed(layers), reversed(trace))):
+        n_in, n_out = W.shape.as_list()
+        d = 1.0 - h * h  # (nloc, S, out)
+        dz = d * idt if idt is not None else d  # d(layer output)/dz: the idt scales it
+        # [R/S | R/S (x) x_l]: the bias's and the matrix's factor, contracted in one product
+        L = tf.concat([Rs, tf.reshape(Rs[:, :, :, None] * x[:, :, None, :], [nloc, S, 4 * n_in])], -1)
+        if depth == 0:
+            M = tf.matmul(L, dz, transpose_a=True)  # (nloc, 4 + 4 n_in, out)
+            KW = tf.reshape(M[:, 4:], [nloc * 4, n_in, n_out])
+            Kb = tf.reshape(M[:, :4], [nloc * 4, n_out])
+            blocks = [("diag", KW), ("diag", Kb)]
+            if idt is not None:
+                blocks.append(("diag", tf.reshape(tf.matmul(Rs, h, transpose_a=True), [nloc * 4, n_out])))
+            out.append(tuple(blocks))
+            Jx = dz[:, :, :, None] * tf.transpose(W)[None, None]  # (nloc, S, M1, in)
+            eye = tf.eye(m1, dtype=R.dtype)[None, None]
+        else:
+            Jz = J * dz[:, :, None, :]  # dG/dz_l, (nloc, S, M1, out)
+            B = tf.reshape(Jz, [nloc, S, m1 * n_out])
+            M = tf.matmul(L, B, transpose_a=True)  # (nloc, 4 + 4 n_in, M1 out)
+            KW = tf.reshape(M[:, 4:], [nloc, 4, n_in, m1, n_out])
+            KW = tf.reshape(tf.transpose(KW, [0, 1, 3, 2, 4]), [nloc * 4 * m1, n_in * n_out])
+            Kb = tf.reshape(M[:, :4], [nloc * 4 * m1, n_out])
+            blocks = [("full", KW), ("full", Kb)]
+            if idt is not None:  # dG/d idt = J_l * h
+                Jh = tf.reshape(J * h[:, :, None, :], [nloc, S, m1 * n_out])
+                blocks.append(("full", tf.reshape(tf.matmul(Rs, Jh, transpose_a=True), [nloc * 4 * m1, n_out])))
+            out.append(tuple(blocks))
+            if depth == last:
+                break  # the input layer: no Jacobian below it is needed
+            Jx = tf.tensordot(Jz, tf.transpose(W), 1)  # one GEMM over all pairs
+            eye = J
+        if kind == "add":
+            Jx = Jx + (eye if depth else tf.broadcast_to(eye, tf.shape(Jx)))
+        elif kind == "concat":
+            skip = eye if depth else tf.broadcast_to(tf.eye(m1, dtype=R.dtype)[None, None],
+                                                     [nloc, S, m1, m1])
+            Jx = Jx + skip[..., :n_in] + skip[..., n_in:]
+        J = Jx
+    blocks = []
+    for layer in reversed(out):
+        blocks += list(layer)
+    return blocks
 
 
 def _per_component(w, C):
@@ -227,6 +290,9 @@ class SeARows(StructuredRows):
     """
 
     name = "se_e2_a structure"
+    #: "dense" or "pair" to fix how the embedding part through T is made (tests,
+    #: benchmarks); None: per frame, the cheaper (:meth:`dense_path`)
+    force_path: str | None = None
 
     @classmethod
     def unsupported_reason(cls, graph_def, layout, values, script=None):
@@ -247,6 +313,9 @@ class SeARows(StructuredRows):
             return byname[name] if name in byname else get(name)
 
         self.n = int(layout.n)
+        ends = np.cumsum([int(np.prod(shape)) for shape in layout.shapes])
+        self._offsets = {n: (int(e - np.prod(shape)), int(e))
+                         for n, shape, e in zip(layout.names, layout.shapes, ends)}
         widths = self.widths = list(desc["neuron"])
         m1 = int(widths[-1])
         resnet = bool(desc.get("resnet_dt", False))
@@ -287,9 +356,14 @@ class SeARows(StructuredRows):
 
         R_t = by_type(R)
         G_parts = [[] for _ in range(ntypes)]  # per centre type: (neighbour type, G, G')
+        self._net_blocks = []  # per net: (name, kind, dT/dw) of its weights in the layout
         for ti, tj, names, layers in self.nets:
             Rb = R[:, slots[tj]:slots[tj + 1]] if ti is None else R_t[ti][:, slots[tj]:slots[tj + 1]]
-            G, Gp = _embed(Rb[:, :, 0], layers)
+            trace = []
+            G, Gp = _embed(Rb[:, :, 0], layers, trace=trace)
+            flat_names = [n for layer in names for n in layer]
+            self._net_blocks.append([(n, kind, K) for n, (kind, K) in
+                                     zip(flat_names, _weight_jacobian(Rb, trace, layers, S)) if n in byname])
             if ti is None:
                 for t, (g_t, gp_t) in enumerate(zip(by_type(G), by_type(Gp))):
                     G_parts[t].append((tj, g_t, gp_t))
@@ -386,6 +460,7 @@ class SeARows(StructuredRows):
         # ---- embedding weights: through T (every pair of every centre, V fixed) and through
         # tau (only the pairs that hold atom k), per net with one copy of its weights per component
         V_t = tf.split(V, self.cent_counts, num=ntypes, axis=1)
+        g_tau = {}
         cent_t = tf.split(cent_c, self.cent_counts, num=ntypes, axis=1)
         self.net_pairs, self.net_real = [], []
         for k, (ti, tj, names, layers) in enumerate(self.nets):
@@ -403,7 +478,7 @@ class SeARows(StructuredRows):
             Vt = tf.gather(Vt, real_c, batch_dims=1) * mult_c[:, :, None]
             s_c = tf.gather(tf.reshape(Rn[..., 0], [C, -1]), real_c, batch_dims=1)
             Gn, _ = _embed(s_c, emb_c, derivative=False)  # (C, pairs, M1)
-            L = tf.reduce_sum(Vt * Gn) / S
+            L_V = tf.reduce_sum(Vt * Gn) / S
             # the tau pairs of this net
             pi = tf.placeholder(tf.int32, [None, None], name=f"se_a_net{k}_pair_i")
             pj = tf.placeholder(tf.int32, [None, None], name=f"se_a_net{k}_pair_j")
@@ -417,15 +492,21 @@ class SeARows(StructuredRows):
             Rq = tf.gather_nd(R, pidx)
             Uq = tf.gather(U, pidx[:, :, 0])  # (C, P, 4, M1)
             Qq = rq[..., None] * Gq[:, :, None, :] + Rq[..., None] * (Gpq * rq[..., :1])[:, :, None, :]
-            L += tf.reduce_sum(pwc[:, :, None, None] * Uq * Qq) / S
+            L_tau = tf.reduce_sum(pwc[:, :, None, None] * Uq * Qq) / S
             flat_names = [n for layer in names for n in layer]
-            for n, grad in zip(flat_names, tf.gradients(L, _flat(emb_c))):
+            for n, grad, grad_tau in zip(flat_names, tf.gradients(L_V + L_tau, _flat(emb_c)),
+                                         tf.gradients(L_tau, _flat(emb_c))):
                 if n in byname:
-                    g[n] = grad
+                    g[n], g_tau[n] = grad, grad_tau
 
-        self.rows = tf.concat(
-            [tf.reshape(g[n] if g.get(n) is not None else tf.zeros([C] + w.shape.as_list(), tf.float64),
-                        [C, -1]) for n, w in zip(layout.names, weights)], axis=1)
+        def rows(grads):
+            return tf.concat(
+                [tf.reshape(grads[n] if grads.get(n) is not None else tf.zeros([C] + w.shape.as_list(), tf.float64),
+                            [C, -1]) for n, w in zip(layout.names, weights)], axis=1)
+
+        self.rows = rows(g)
+        # without the embedding part through T, which the dense path adds from V and dT/dw
+        self.rows_tau, self.V = rows({**g, **g_tau}), V
 
     # ------------------------------------------------------------ numpy side
     def _empty_rows_shared(self, nlist, atype, R) -> bool:
@@ -468,10 +549,17 @@ class SeARows(StructuredRows):
         the nine rows dW_ab/dw (:meth:`_virial_rows`), returned third (``None`` if
         ``virial_check`` refused them).
         """
-        nlist, atype, rij, (R, _), extra_values = sess.run(
-            [self.nlist, self.atype, self.rij, self.store, list(extra)], feed_dict=feed)
-        holders = _Holders(nlist)
-        frame = (nlist, atype, self._empty_rows_shared(nlist, atype, R))
+        nlist_t, atype_t = sess.run([self.nlist, self.atype], feed_dict=feed)
+        holders = _Holders(nlist_t)
+        dense = self.dense_path(nlist_t, atype_t, holders, budget_bytes)
+        blocks = [[K for _, _, K in net] for net in self._net_blocks] if dense else []
+        nlist, atype, rij, (R, _), blocks, extra_values = sess.run(
+            [self.nlist, self.atype, self.rij, self.store, blocks, list(extra)], feed_dict=feed)
+        counts = np.bincount(atype, minlength=self.ntypes)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        frame = (nlist, atype, self._empty_rows_shared(nlist, atype, R), blocks, starts)
+        if dense:  # the dense dT/dw stands for the rows' share of the budget
+            budget_bytes = max(budget_bytes / 4, budget_bytes - self.dense_bytes(counts))
         n_cent = holders.max_centres()
         n_pairs = nlist.shape[1] + holders.max_held()
         step = int(rows_per_pass) if rows_per_pass else self.chunk_size(n_cent, n_pairs, budget_bytes)
@@ -479,17 +567,74 @@ class SeARows(StructuredRows):
         for start in range(0, comps.size, step):
             chunk = comps[start : start + step]
             atoms, q = np.unique(chunk // 3, return_inverse=True)
-            self._feed_chunk(feed, frame, *holders.chunk(atoms, atype, self.ntypes), q.ravel(), chunk % 3)
+            cent, *rest = holders.chunk(atoms, atype, self.ntypes)
+            self._feed_chunk(feed, frame, cent, *rest, q.ravel(), chunk % 3)
             if check is not None and start == 0:
                 if not check(feed, sess.run(self.forces, feed_dict=feed), chunk):
                     return False, extra_values, None
-            sink(start, sess.run(self.rows, feed_dict=feed))
+            sink(start, self._run_chunk(sess, feed, frame, cent[q.ravel()])[0])
         vir = self._virial_rows(sess, feed, frame, rij, budget_bytes, virial_check) if virial else None
         return True, extra_values, vir
 
+    # -------------------------------------------------- the dense dT/dw path
+    def dense_bytes(self, counts) -> float:
+        """Bytes of dT/dw of every embedding net for a frame with ``counts`` atoms per type."""
+        total = 0.0
+        for ti, _, _, _ in self.nets:
+            atoms = float(np.sum(counts)) if ti is None else float(counts[ti])
+            total += atoms * self._dense_width
+        return 8.0 * total
+
+    def dense_path(self, nlist, atype, holders, budget_bytes) -> bool:
+        """Whether the embedding part through T is cheaper from dT/dw built once per frame.
+
+        dT_i/dw of every atom and net (4 M1 x the weights below the last layer, and 4 x the
+        last layer's) costs memory O(N) and, contracted with every component's V over all
+        atoms, work O(N^2); the pair path costs per component a backward pass over its
+        centres' pairs, O(N) in all. The dense path is taken for frames where it is the
+        cheaper (few atoms, narrow embedding nets) and its dT/dw fits half the budget.
+        """
+        if self.force_path is not None:
+            return self.force_path == "dense"
+        counts = np.bincount(atype, minlength=self.ntypes)
+        if self.dense_bytes(counts) > budget_bytes / 2:
+            return False
+        natoms = int(nlist.shape[0])
+        dense = self.dense_bytes(counts) / 8.0  # multiply-adds per component
+        pairs = (1.0 + holders.count.mean()) * (float((nlist >= 0).sum()) / max(1, natoms) + len(self.nets))
+        widths = [1] + list(self.widths)
+        pair = pairs * 3.0 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        # measured on the paper's Cu model: per multiply-add the dense path runs about 3x
+        # slower (numpy products with V over all atoms, zeros included, and dT/dw per frame)
+        return 3.0 * dense < pair
+
+    @property
+    def _dense_width(self) -> float:
+        """dT/dw entries per atom and net: 4 M1 per weight below the last layer, 4 per last-layer weight."""
+        widths = [1] + list(self.widths)
+        below = sum(a * b + b for a, b in zip(widths[:-2], widths[1:-1]))
+        last = widths[-2] * widths[-1] + widths[-1]
+        return 4.0 * self.widths[-1] * below + 4.0 * last
+
+    def _run_chunk(self, sess, feed, frame, cent_c):
+        """Rows of the fed chunk (and its forces through the structure); on the dense path the
+        embedding part through T is added here: V_c . dT/dw per net (numpy BLAS)."""
+        nlist, atype, _, blocks, starts = frame
+        if not blocks:
+            return sess.run([self.rows, self.forces], feed_dict=feed)
+        rows, V, forces = sess.run([self.rows_tau, self.V, self.forces], feed_dict=feed)
+        C, N = rows.shape[0], nlist.shape[0]
+        Vd = np.zeros((C, N, V.shape[2] * V.shape[3]))
+        np.add.at(Vd, (np.arange(C)[:, None], cent_c), V.reshape(C, V.shape[1], -1))
+        for (ti, _, _, _), net, values in zip(self.nets, self._net_blocks, blocks):
+            Vn = Vd if ti is None else Vd[:, starts[ti]:starts[ti + 1]]
+            _add_dense(rows, Vn.reshape(C, -1), [(name, kind, K) for (name, kind, _), K in zip(net, values)],
+                       self._offsets)
+        return rows, forces
+
     def _feed_chunk(self, feed, frame, cent, counts, loc, pi, pj, pw, q, dirs):
         """Feed one chunk: centres, tau pairs, components (atom in the chunk, direction)."""
-        nlist, atype, shared_empty = frame
+        nlist, atype, shared_empty = frame[:3]
         feed.update({self.cent: cent, self.cent_counts: counts, self.pair_loc: loc,
                      self.pair_i: pi, self.pair_j: pj, self.pair_w: pw,
                      self.comp_q: np.asarray(q, np.int32), self.comp_a: np.asarray(dirs, np.int32)})
@@ -510,7 +655,7 @@ class SeARows(StructuredRows):
         direction b and pair weights rij_a over every pair (the sign of rho): made a block of centres at
         a time (three chunk rows a = 0, 1, 2, with directions b) and summed.
         """
-        nlist, atype, _ = frame
+        nlist, atype = frame[:2]
         natoms, nnei = nlist.shape
         real = nlist >= 0
         per_atom = max(1, int(real.sum(axis=1).max()))
@@ -539,12 +684,30 @@ class SeARows(StructuredRows):
             if ii.size == 0:
                 continue
             self._feed_chunk(feed, frame, cent, counts, loc, pi, pj, pw, q, dirs)
-            part, forces = sess.run([self.rows, self.forces], feed_dict=feed)
+            part, forces = self._run_chunk(sess, feed, frame, cent[q])
             rows += part
             value += forces
         if check is not None and not check(value):
             return None
         return rows
+
+
+def _add_dense(rows: np.ndarray, V: np.ndarray, blocks, offsets) -> None:
+    """rows[:, w_e] += V_c . dT/dw_e for the weights of one embedding net (numpy BLAS).
+
+    ``blocks``: (name, kind, dT/dw) with V over the atoms that net sees.
+    """
+    for name, kind, K in blocks:
+        a, b = offsets[name]
+        if kind == "full":
+            rows[:, a:b] += V @ K
+        elif K.ndim == 3:  # last layer's matrix: K[x, p, q] with x = (atom, 4), V[c, x, q]
+            Vq = V.reshape(V.shape[0], -1, K.shape[2])
+            part = np.matmul(Vq.transpose(2, 0, 1), K.transpose(2, 0, 1))  # (q, c, p)
+            rows[:, a:b] += part.transpose(1, 2, 0).reshape(V.shape[0], -1)
+        else:  # last layer's bias or idt: K[x, q]
+            Vq = V.reshape(V.shape[0], -1, K.shape[1])
+            rows[:, a:b] += np.einsum("cxq,xq->cq", Vq, K)
 
 
 def _compact(pi, pj, pw, keep):
