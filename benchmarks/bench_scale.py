@@ -139,6 +139,8 @@ def measure(graph: str, name: str, natoms: int, nframes: int) -> dict:
         tic = time.perf_counter()
         jac.predict(frame)
         evals.append(time.perf_counter() - tic)
+    structure = jac._structure
+    res["rows_through_T"] = getattr(structure, "last_path", None)  # dense dT/dw or per pair
     res.update(kpu_s=float(np.median(times)), kpu_s_each=times, quadratic_s=float(np.median(quads)),
                eval_s=float(min(evals)), peak_rss_gb=_rss_gb())
     res["s_per_component"] = res["kpu_s"] / (3 * natoms)
@@ -161,7 +163,7 @@ def _in_process(graph: Path, name: str, natoms: int, nframes: int) -> dict:
 
 
 def table(results: dict) -> str:
-    cols = ["model", "atoms", "KPU s/frame", "ms per force component", "peak RSS GB (added by KPU)",
+    cols = ["model", "atoms", "rows through T", "KPU s/frame", "ms per force component", "peak RSS GB (added by KPU)",
             "E+F eval s", "KPU / eval", "of which quadratic forms s", "virial rows s", "load"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in results["runs"]:
@@ -171,7 +173,8 @@ def table(results: dict) -> str:
             continue
         load = "-".join(f"{x:.1f}" for x in r.get("load_average", []))
         lines.append(
-            f"| {r['model']} ({r['weights']:,} weights) | {r['natoms']} | {r['kpu_s']:.2f} | "
+            f"| {r['model']} ({r['weights']:,} weights) | {r['natoms']} | {r.get('rows_through_T') or '-'} | "
+            f"{r['kpu_s']:.2f} | "
             f"{1e3 * r['s_per_component']:.2f} | {r['peak_rss_gb']:.2f} ({r['extra_rss_gb']:+.2f}) | "
             f"{r['eval_s']:.3f} | {r['kpu_over_eval']:.0f} | {r['quadratic_s']:.2f} | "
             f"{r['virial_rows_s']:.2f} | {load} |")

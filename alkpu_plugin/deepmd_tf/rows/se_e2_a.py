@@ -293,6 +293,8 @@ class SeARows(StructuredRows):
     #: "dense" or "pair" to fix how the embedding part through T is made (tests,
     #: benchmarks); None: per frame, the cheaper (:meth:`dense_path`)
     force_path: str | None = None
+    #: how the last frame's embedding part through T was made: "dense" or "pair"
+    last_path: str | None = None
 
     @classmethod
     def unsupported_reason(cls, graph_def, layout, values, script=None):
@@ -552,6 +554,7 @@ class SeARows(StructuredRows):
         nlist_t, atype_t = sess.run([self.nlist, self.atype], feed_dict=feed)
         holders = _Holders(nlist_t)
         dense = self.dense_path(nlist_t, atype_t, holders, budget_bytes)
+        self.last_path = "dense" if dense else "pair"
         blocks = [[K for _, _, K in net] for net in self._net_blocks] if dense else []
         nlist, atype, rij, (R, _), blocks, extra_values = sess.run(
             [self.nlist, self.atype, self.rij, self.store, blocks, list(extra)], feed_dict=feed)
