@@ -127,7 +127,7 @@ def _resume_hint(exc: Exception, ii: int, name: str) -> Exception | None:
     """``exc`` with how to go on once its cause is fixed (the record has not advanced)."""
     try:
         return type(exc)(
-            f"{exc}\nOnce fixed, run the same `alkpu run` command again: it continues with {name} of "
+            f"{exc}\nOnce fixed, run the same command again (`alkpu run` or `dpgen run`): it continues with {name} of "
             f"iteration {ii} (record.dpgen keeps the finished steps, which are not redone; nothing is deleted)."
         )
     except TypeError:  # an exception class that takes other arguments
