@@ -253,3 +253,22 @@ def test_a_500_atom_two_species_frame(models):
     assert one.components.shape == (1500,) and np.all(one.components > 0)
     assert np.all(np.isfinite(one.virial)) and one.energy > 0
     engine.jacobian.close()
+
+
+def test_a_perfect_crystal_first_does_not_switch_the_structure_off(models):
+    """DP-GEN's first frame is often the perfect starting lattice, whose forces are round-off:
+    the structure's self-check waits for a frame it can judge instead of failing on it."""
+    from ase.build import bulk
+
+    from alkpu_plugin.deepmd_tf.jacobian import Frame
+    from alkpu_plugin.kpu_engine import KPUEngine
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
+    perfect = Frame(atoms.positions, np.array(atoms.cell), np.zeros(len(atoms), np.int32))
+    engine = KPUEngine(models("se_e2_a"), seed=2)
+    jac = engine.jacobian
+    assert np.abs(jac.predict(perfect)[1]).max() < 1e-6
+    engine.frame_kpu(perfect, 0)
+    assert jac.path == "se_e2_a structure" and not jac._checked
+    engine.frame_kpu(_alloy_frame((3, 3, 3)), 1)
+    assert jac.path == "se_e2_a structure" and jac._checked and jac._virial_checked

@@ -37,6 +37,10 @@ __all__ = ["ModelJacobian", "Frame", "TypeMapError", "NVIRIAL", "DEFAULT_MEMORY_
 #: GB the row computation may use by default, beyond the model and the frame's arrays
 DEFAULT_MEMORY_GB = 2.0
 
+#: forces (eV/A) or virial (eV) below this are round-off (a perfect crystal): the structure's
+#: self-check waits for a frame where they can be compared
+JUDGE_SCALE = 1e-6
+
 #: rows of the virial: its nine components W_ab, a-major (DeePMD-kit's order)
 NVIRIAL = 9
 
@@ -141,6 +145,8 @@ class ModelJacobian:
                 self.structured_reason = "switched off"
             self._checked, self.use_structured = False, True
             self._structured_virial, self._virial_checked = self._structure is not None, False
+            # set by a check that could not judge (forces or virial too small): check again
+            self._undecided = False
         self._weight_feed = dict(zip(self._weights, values))
         config = default_tf_session_config
         self.sess = tf.Session(graph=self.graph, config=config)
@@ -271,16 +277,17 @@ class ModelJacobian:
                 self.sess, dict(feed), comps, force_sink, budget, self.rows_per_pass,
                 None if self._checked else self._check, extra, own_virial,
                 None if self._virial_checked else (lambda value: self._check_virial(feed, value)))
+            decided, self._undecided = not self._undecided, False
             if own_virial:
                 if vir is None:  # refused by its check, or the structure's forces were: generic rows
                     vir = self._run_virial_rows(feed)
                 else:
-                    self._virial_checked = True
+                    self._virial_checked = decided
                 values = values + [vir]
             if values:
                 sink(0, np.vstack(values))
             if done:
-                self._checked = self._checked or comps.size > 0
+                self._checked = self._checked or (comps.size > 0 and decided)
                 return comps.size + head
         elif energy or virial:
             extra = ([self._energy_row] if energy else []) + ([self._virial_rows_tensor()] if virial else [])
@@ -304,7 +311,10 @@ class ModelJacobian:
     def _check(self, feed, mine, chunk) -> bool:
         """The structure's forces against the frozen graph's; a mismatch switches it off."""
         graph = self.sess.run(self._force, feed_dict=feed)
-        scale = max(float(np.abs(graph).max()), 1e-300)
+        scale = float(np.abs(graph).max())
+        if scale < JUDGE_SCALE:  # e.g. a perfect crystal: forces are round-off, nothing to compare
+            self._undecided = True
+            return True
         if np.abs(mine - graph[chunk]).max() <= 1e-9 * scale:
             return True
         name = self._structure.name
@@ -317,7 +327,10 @@ class ModelJacobian:
     def _check_virial(self, feed, value) -> bool:
         """The structure's virial against the frozen graph's; a mismatch switches its rows off."""
         graph = self.sess.run(self._virial, feed_dict=feed)
-        scale = max(float(np.abs(graph).max()), 1e-300)
+        scale = float(np.abs(graph).max())
+        if scale < JUDGE_SCALE:
+            self._undecided = True
+            return True
         if np.abs(value - graph).max() <= 1e-9 * scale:
             return True
         self._structured_virial = False
