@@ -42,11 +42,11 @@ def _detect_fmt(path: str, fmt: str | None, default: str, command: str = "alkpu"
                 return "deepmd/raw"
         if any(re.fullmatch(r"\d+\.lammpstrj", q.name) for q in p.iterdir()):
             return "lammps/dump"
-        if default == "lammps/dump":
-            raise SystemExit(
-                f"{command}: error: {p} is neither a DP-GEN traj/ directory (<step>.lammpstrj files) nor a "
-                "deepmd/npy system (type.raw and set.*/); pass its dpdata format with -f, e.g. "
-                "-f deepmd/npy, -f vasp/outcar, -f lammps/dump")
+        if default == "lammps/dump" and any(p.iterdir()):  # (an empty traj/: "the trajectory is empty")
+            print(f"{command}: error: {p} is neither a DP-GEN traj/ directory (<step>.lammpstrj files) nor a "
+                  "deepmd/npy system (type.raw and set.*/); pass its dpdata format with -f, e.g. "
+                  "-f deepmd/npy, -f vasp/outcar, -f lammps/dump", file=sys.stderr)
+            raise SystemExit(2)
         return default
     if p.is_file() and p.suffix in (".lammpstrj", ".dump") or p.name.startswith("dump"):
         return "lammps/dump"

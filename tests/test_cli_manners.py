@@ -9,7 +9,7 @@ from alkpu_plugin.kpu_engine import KPUResult
 from alkpu_plugin.model_devi import HEADER, UNCALIBRATED, read_model_devi, write_result
 
 
-def test_format_recognised_or_minus_f_asked_for(tmp_path):
+def test_format_recognised_or_minus_f_asked_for(tmp_path, capsys):
     npy = tmp_path / "npy"
     (npy / "set.000").mkdir(parents=True)
     (npy / "type.raw").write_text("0\n")
@@ -30,8 +30,13 @@ def test_format_recognised_or_minus_f_asked_for(tmp_path):
     assert cli._detect_fmt(str(other), "extxyz", "lammps/dump") == "extxyz"
     with pytest.raises(SystemExit) as exc:
         cli._detect_fmt(str(other), None, "lammps/dump", "alkpu kpu")
-    assert str(exc.value).startswith(f"alkpu kpu: error: {other} is neither a DP-GEN traj/ directory")
-    assert "-f deepmd/npy" in str(exc.value)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"alkpu kpu: error: {other} is neither a DP-GEN traj/ directory")
+    assert "-f deepmd/npy" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty traj/ is read as one, and refused later as an empty trajectory
+    assert cli._detect_fmt(str(empty), None, "lammps/dump") == "lammps/dump"
 
 
 def result(n=3, natoms=4, calibration=None):
