@@ -68,6 +68,22 @@ def _isolated(coord: np.ndarray, cell: np.ndarray | None, rcut: float) -> np.nda
     from ase.neighborlist import neighbor_list
 
     natoms = coord.shape[0]
+    box = None if cell is None else np.asarray(cell, dtype=float).reshape(3, 3)
+    lengths = None if box is None else np.diag(box)
+    if natoms > 1 and (box is None or (np.count_nonzero(box - np.diag(lengths)) == 0
+                                       and np.all(lengths > rcut))):
+        # the nearest other atom (minimum image in an orthorhombic box longer than rcut):
+        # a k-d tree query, much cheaper than every neighbour within rcut
+        from scipy.spatial import cKDTree
+
+        if box is None:
+            tree, points = cKDTree(coord), coord
+        else:
+            points = np.mod(coord, lengths)
+            points[points >= lengths] = 0.0  # mod can round up to the length itself
+            tree = cKDTree(points, boxsize=lengths)
+        dist, _ = tree.query(points, k=2, distance_upper_bound=float(rcut))
+        return np.nonzero(~np.isfinite(dist[:, 1]))[0]
     if cell is None:
         atoms = Atoms(positions=coord, pbc=False)
     else:
