@@ -1,6 +1,7 @@
 """Frames outside the model's domain: found from the structure, written as failed."""
 
 import numpy as np
+import pytest
 
 from alkpu_plugin.domain import frame_reasons, merge_domains, training_domain
 from alkpu_plugin.model_devi import OUT_OF_DOMAIN, read_model_devi, write_model_devi
@@ -55,3 +56,26 @@ def test_model_devi_marks_frames_outside_as_failed(tmp_path):
     np.testing.assert_allclose(table[:, 3], vsig.mean(axis=1), rtol=1e-6)
     np.testing.assert_allclose(table[:, 4], [0.2, OUT_OF_DOMAIN, 0.06], rtol=1e-6)
     np.testing.assert_allclose(table[:, 5], sigma.min(axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("repeat,rcut", [((3, 3, 3), 6.0), ((2, 2, 2), 2.6), ((1, 1, 1), 6.0), ((2, 2, 2), 2.0)])
+def test_isolated_atoms_as_ase_finds_them(repeat, rcut):
+    """The k-d tree query (orthorhombic cells longer than rcut) and ASE's neighbour list
+    (every other cell) find the same isolated atoms, wrapped or not, periodic or not."""
+    from ase import Atoms
+    from ase.build import bulk
+    from ase.neighborlist import neighbor_list
+
+    from alkpu_plugin.domain import _isolated
+
+    rng = np.random.default_rng(1)
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+    cases = [(atoms.positions + rng.normal(scale=0.1, size=atoms.positions.shape), np.array(atoms.cell))]
+    cases[0][0][0] += 30.0  # outside the cell
+    cases.append((rng.uniform(0, 40, size=(20, 3)), np.eye(3) * 40))  # a gas: isolated atoms
+    cases.append((cases[1][0], None))
+    for coord, cell in cases:
+        ase_atoms = Atoms(positions=coord, pbc=False) if cell is None else Atoms(positions=coord, cell=cell, pbc=True)
+        first = neighbor_list("i", ase_atoms, rcut, self_interaction=False)
+        expected = np.nonzero(np.bincount(first, minlength=len(coord)) == 0)[0]
+        assert np.array_equal(_isolated(coord, cell, rcut), expected)
