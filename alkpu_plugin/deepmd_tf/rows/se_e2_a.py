@@ -53,6 +53,11 @@ from . import StructuredRows, register, training_script
 
 __all__ = ["SeARows", "unsupported_reason"]
 
+#: the dense path's dT/dw of a frame at most this large (bytes): beyond, its products with V
+#: run from memory rather than cache (the paper's Cu model: 2.5 ms per component at 108
+#: atoms, 63 MB; 13 ms at 192 atoms, 112 MB, where the pair path takes 5 ms)
+DENSE_MAX_BYTES = 80e6
+
 
 def _exclusions(desc: dict) -> set[tuple[int, int]]:
     """exclude_types as DeePMD-kit reads them: pairs of types, both ways."""
@@ -595,21 +600,23 @@ class SeARows(StructuredRows):
         last layer's) costs memory O(N) and, contracted with every component's V over all
         atoms, work O(N^2); the pair path costs per component a backward pass over its
         centres' pairs, O(N) in all. The dense path is taken for frames where it is the
-        cheaper (few atoms, narrow embedding nets) and its dT/dw fits half the budget.
+        cheaper (few atoms, narrow embedding nets) and its dT/dw fits half the budget and
+        :data:`DENSE_MAX_BYTES`.
         """
         if self.force_path is not None:
             return self.force_path == "dense"
         counts = np.bincount(atype, minlength=self.ntypes)
-        if self.dense_bytes(counts) > budget_bytes / 2:
+        if self.dense_bytes(counts) > min(budget_bytes / 2, DENSE_MAX_BYTES):
             return False
         natoms = int(nlist.shape[0])
         dense = self.dense_bytes(counts) / 8.0  # multiply-adds per component
         pairs = (1.0 + holders.count.mean()) * (float((nlist >= 0).sum()) / max(1, natoms) + len(self.nets))
         widths = [1] + list(self.widths)
         pair = pairs * 3.0 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-        # measured on the paper's Cu model: per multiply-add the dense path runs about 3x
-        # slower (numpy products with V over all atoms, zeros included, and dT/dw per frame)
-        return 3.0 * dense < pair
+        # measured on the paper's Cu model, per multiply-add the dense path runs about 1.5x
+        # slower at 108 atoms (numpy products with V over all atoms, zeros included, and dT/dw
+        # per frame), and several times slower once dT/dw outgrows the caches (192 atoms)
+        return 1.5 * dense < pair
 
     @property
     def _dense_width(self) -> float:
