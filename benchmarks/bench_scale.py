@@ -25,6 +25,7 @@ threads. Results go to ``<out>/scale.json``; the markdown table is printed at th
 end, and again from the JSON alone with ``--table``::
 
     .venv/bin/python benchmarks/bench_scale.py [--models Cu CuNi] [--sizes 32 108 ...] [--frames 2]
+    .venv/bin/python benchmarks/bench_scale.py --models Cu --sizes 32 108 --rows-through-T pair
     .venv/bin/python benchmarks/bench_scale.py --table
 """
 
@@ -94,14 +95,17 @@ def frame_of(natoms: int, two_species: bool, seed: int):
     return Frame(atoms.positions, np.array(atoms.cell), types)
 
 
-def measure(graph: str, name: str, natoms: int, nframes: int) -> dict:
-    """One model at one size (meant to run in a fresh process)."""
+def measure(graph: str, name: str, natoms: int, nframes: int, path: str | None = None) -> dict:
+    """One model at one size (meant to run in a fresh process); ``path`` "dense" or "pair"
+    fixes how the rows' embedding part through T is made (default: the engine's choice)."""
     import numpy as np
 
     from alkpu_plugin.kpu_engine import KPUEngine
 
     engine = KPUEngine(graph, seed=0)
     jac = engine.jacobian
+    if path:
+        jac._structure.force_path = path
     engine.kf.factorize(expected_rows=100 * (3 * natoms + 10))
     res = {"model": name, "natoms": natoms, "weights": int(engine.kf.layout.n), "path": jac.path,
            "memory_limit_gb": engine.memory_limit, "base_rss_gb": _rss_gb()}
@@ -149,10 +153,10 @@ def measure(graph: str, name: str, natoms: int, nframes: int) -> dict:
     return res
 
 
-def _in_process(graph: Path, name: str, natoms: int, nframes: int) -> dict:
+def _in_process(graph: Path, name: str, natoms: int, nframes: int, path: str | None = None) -> dict:
     code = ("import json,sys; sys.path.insert(0, %r); import bench_scale as b; "
-            "print('RESULT ' + json.dumps(b.measure(%r, %r, %d, %d)))"
-            % (str(Path(__file__).parent), str(graph), name, natoms, nframes))
+            "print('RESULT ' + json.dumps(b.measure(%r, %r, %d, %d, %r)))"
+            % (str(Path(__file__).parent), str(graph), name, natoms, nframes, path))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **ENV})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -173,7 +177,8 @@ def table(results: dict) -> str:
             continue
         load = "-".join(f"{x:.1f}" for x in r.get("load_average", []))
         lines.append(
-            f"| {r['model']} ({r['weights']:,} weights) | {r['natoms']} | {r.get('rows_through_T') or '-'} | "
+            f"| {r['model']} ({r['weights']:,} weights) | {r['natoms']} | {r.get('rows_through_T') or '-'}"
+            f"{' (fixed)' if r.get('forced') else ''} | "
             f"{r['kpu_s']:.2f} | "
             f"{1e3 * r['s_per_component']:.2f} | {r['peak_rss_gb']:.2f} ({r['extra_rss_gb']:+.2f}) | "
             f"{r['eval_s']:.3f} | {r['kpu_over_eval']:.0f} | {r['quadratic_s']:.2f} | "
@@ -187,6 +192,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--sizes", nargs="+", type=int, default=sorted(REPEATS), choices=sorted(REPEATS))
     ap.add_argument("--frames", type=int, default=2, help="timed frames per size (after a warm-up frame)")
+    ap.add_argument("--rows-through-T", choices=["dense", "pair"], default=None,
+                    help="fix how the rows' embedding part through T is made (default: the engine's choice)")
     ap.add_argument("--table", action="store_true", help="print the table of the saved results and stop")
     args = ap.parse_args()
     path = args.out / "scale.json"
@@ -198,11 +205,13 @@ def main() -> None:
     for name in args.models:
         graph = train(name, args.out)
         for natoms in args.sizes:
-            res = _in_process(graph, name, natoms, args.frames)
+            res = _in_process(graph, name, natoms, args.frames, args.rows_through_T)
             res["load_average"] = list(os.getloadavg())
+            res["forced"] = args.rows_through_T
             print(json.dumps({k: v for k, v in res.items() if k != "kpu_s_each"}), flush=True)
-            saved["runs"] = [r for r in saved["runs"] if (r["model"], r["natoms"]) != (name, natoms)] + [res]
-            saved["runs"].sort(key=lambda r: (MODELS.index(r["model"]), r["natoms"]))
+            key = (name, natoms, args.rows_through_T)
+            saved["runs"] = [r for r in saved["runs"] if (r["model"], r["natoms"], r.get("forced")) != key] + [res]
+            saved["runs"].sort(key=lambda r: (MODELS.index(r["model"]), r["natoms"], r.get("forced") or ""))
             saved.update(date=time.strftime("%Y-%m-%d"), machine=f"{platform.node()}, {os.cpu_count()} CPUs",
                          command="benchmarks/bench_scale.py " + " ".join(sys.argv[1:]))
             path.write_text(json.dumps(saved, indent=1))
