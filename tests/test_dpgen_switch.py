@@ -326,18 +326,10 @@ def _numbers_close(x: Path, y: Path) -> bool:
 
 
 def _compare_runs(a, b, rounding=False):
-    from .test_alkpu_run import same_content
+    from .test_alkpu_run import compare_run_dirs
 
-    skip = ("train.log", "model_devi.log", "output", "checkpoint", "alkpu_timing.json")
-    files_a = sorted(p.relative_to(a) for p in a.glob("iter.*/**/*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.glob("iter.*/**/*") if p.is_file())
-    assert files_a == files_b and len(files_a) > 30
-    assert (a / "record.dpgen").read_text() == (b / "record.dpgen").read_text()
-    differ = [str(f) for f in files_a
-              if f.name not in skip and not f.name.endswith(("_last_err_file", "err", "log"))
-              and not same_content(a / f, b / f)
-              and not (rounding and _numbers_close(a / f, b / f))]
-    assert differ == []
+    compare_run_dirs(a, b, skip=("train.log", "model_devi.log", "output", "checkpoint", "alkpu_timing.json"),
+                     close=_numbers_close if rounding else None)
 
 
 @pytest.mark.slow
