@@ -168,6 +168,25 @@ def test_rows_and_kpu_equal_the_brute_force_path(name, models, cuni_data):
     engine.jacobian.close()
 
 
+def test_generic_rows_run_deepmd_kernels_one_at_a_time(models, cuni_data):
+    """pfor's fallback loops (around DeePMD-kit's ProdForce/ProdVirial gradient kernels,
+    which are not safe to call concurrently on one instance) run one iteration at a time,
+    and the rows they give are those of one backward pass per output."""
+    from alkpu_plugin.kpu_engine import KPUEngine
+
+    engine = KPUEngine(models("se_e2_r"), seed=2, rows_per_pass=5)
+    jac = engine.jacobian
+    system = dpdata.System(str(cuni_data / "test"), fmt="deepmd/npy")
+    _, frames = engine._frames(system, [0])
+    comps = np.arange(12)
+    rows = jac.force_rows(frames[0], comps, virial=True)
+    loops = [op for op in jac.graph.get_operations() if op.type == "Enter"]
+    assert loops and {op.get_attr("parallel_iterations") for op in loops} == {1}
+    brute = np.array([jac.force_row_bruteforce(frames[0], int(c)) for c in comps])
+    assert _rel(rows[9:], brute) < 1e-10
+    jac.close()
+
+
 def test_unused_variables_stay_out_of_the_kalman_layout(models):
     """resnet_dt creates an idt for the first embedding layer that DeePMD-kit never uses:
     it is not in the layout, so the frozen model and the state agree by construction."""

@@ -58,6 +58,29 @@ class Frame:
     atype: np.ndarray  # (N,) model type indices
 
 
+def _sequential_pfor(graph, pfor, body, iterations):
+    """``pfor(body, iterations)`` whose fallback loops run one iteration at a time.
+
+    Ops that ``pfor`` cannot vectorise (DeePMD-kit's ProdForce/ProdVirial gradient
+    ops) run inside a ``while_loop`` whose iterations TensorFlow would otherwise run
+    up to ten at a time, through the same kernel instance. DeePMD-kit's kernels
+    write members of that instance in ``Compute`` and leave their output unset when
+    the device member reads neither CPU nor GPU; virial rows computed this way came
+    back wrong, rarely and not reproducibly. Here every loop created by this
+    ``pfor`` gets ``parallel_iterations = 1`` (no slower measured: Cu-Ni 32 atoms,
+    se_atten); the vectorised ops around it are unchanged.
+    """
+    from tensorflow.core.framework import attr_value_pb2
+
+    before = {op.name for op in graph.get_operations()}
+    out = pfor(body, iterations, fallback_to_while_loop=True)
+    one = attr_value_pb2.AttrValue(i=1)
+    for op in graph.get_operations():
+        if op.name not in before and op.type in ("Enter", "RefEnter"):
+            op._set_attr("parallel_iterations", one)
+    return out
+
+
 class ModelJacobian:
     """A frozen model whose weights can be differentiated against.
 
@@ -130,9 +153,9 @@ class ModelJacobian:
             # the vectorised graphs are built on first use (structured models never need
             # the force one, energy-and-force users never the virial one)
             self._rows = None
-            self._make_rows = lambda: pfor(row, tf.shape(self._components)[0], fallback_to_while_loop=True)
+            self._make_rows = lambda: _sequential_pfor(self.graph, pfor, row, tf.shape(self._components)[0])
             self._virial_rows = None
-            self._make_virial_rows = lambda: pfor(virial_row, NVIRIAL, fallback_to_while_loop=True)
+            self._make_virial_rows = lambda: _sequential_pfor(self.graph, pfor, virial_row, NVIRIAL)
             self._row = None
             self._make_row = lambda: row(0)
             self._energy_row = flat(tf.gradients(self._energy[0], self._weights))
