@@ -35,9 +35,10 @@ def tree_digest(directory):
 
 
 def test_rlekf_trains_to_a_small_force_error(cu_data, tmp_path):
-    run_dp(tmp_path, "train", "input.json",
-           input_data=make_input(cu_data, **{"training/numb_steps": 300, "training/disp_freq": 100,
-                                             "training/save_freq": 100}))
+    proc = run_dp(tmp_path, "train", "input.json",
+                  input_data=make_input(cu_data, **{"training/numb_steps": 300, "training/disp_freq": 100,
+                                                    "training/save_freq": 100}))
+    assert "plateau" not in proc.stdout + proc.stderr
     lc = read_lcurve(tmp_path / "lcurve.out")
     valid = np.load(cu_data / "valid" / "set.000" / "force.npy")
     rms_force = float(np.sqrt(np.mean(valid**2)))  # RMSE of the "zero force" model
@@ -59,6 +60,12 @@ def test_rlekf_trains_to_a_small_force_error(cu_data, tmp_path):
     assert meta["layout"]["blocksize"] == 1024
     expected_lam = 1 - (1 - 0.98) * 0.9987 ** 1500
     assert meta["lambda"] == pytest.approx(expected_lam, rel=1e-12)
+    # the plateau check: forces learned, from the last lcurve line's validation force RMSE
+    fit = meta["extra"]["force_fit"]
+    assert fit["step"] == 300 and fit["on"] == "validation" and fit["learned"]
+    assert fit["force_rmse"] == pytest.approx(lc[-1, COL_RMSE_F_VAL], rel=1e-2)  # lcurve prints 3 digits
+    assert fit["ratio"] == pytest.approx(fit["force_rmse"] / fit["label_force_rms"])
+    assert 0.5 * rms_force < fit["label_force_rms"] < 2 * rms_force
 
     # dp freeze keeps working and the state is found from the frozen model
     run_dp(tmp_path, "freeze", "-o", "graph.pb")
@@ -132,8 +139,13 @@ def test_restart_continues_exactly(cu_data, tmp_path):
 
 
 def test_init_model_continues_the_kalman_state(cu_data, tmp_path):
-    run_dp(tmp_path / "a", "train", "input.json",
+    proc = run_dp(tmp_path / "a", "train", "input.json",
            input_data=make_input(cu_data, **{"training/numb_steps": 10, "training/save_freq": 10}))
+    # 10 steps end on RLEKF's initial plateau (forces not learned yet): the log says so and the
+    # state records it (the last step wrote no lcurve line: checked at that step all the same)
+    fit = read_meta(tmp_path / "a" / "model.ckpt.kalman.npz")["extra"]["force_fit"]
+    assert fit["step"] == 10 and not fit["learned"] and fit["ratio"] >= 0.8
+    assert "RLEKF stopped on its plateau" in proc.stdout + proc.stderr
     run_dp(tmp_path / "b", "train", "input.json", "--init-model", str(tmp_path / "a" / "model.ckpt"),
            input_data=make_input(cu_data, **{"training/numb_steps": 4, "training/save_freq": 4}))
     meta = read_meta(tmp_path / "b" / "model.ckpt.kalman.npz")

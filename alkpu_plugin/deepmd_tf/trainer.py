@@ -47,6 +47,10 @@ log = logging.getLogger("deepmd.alkpu_rlekf")
 
 __all__ = ["RLEKFTrainer", "RLEKFInputError", "BatchSampler"]
 
+#: a force RMSE at or above this share of the label forces' RMS means the forces are not
+#: learned yet (RLEKF's initial plateau: predicted forces near zero)
+PLATEAU_RATIO = 0.8
+
 _ADAM_PLACEHOLDER = {"type": "Adam", "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.0}
 
 
@@ -306,6 +310,7 @@ class RLEKFTrainer(DPTrainer):
             "settings": self.rlekf.to_dict(),
             "type_map": list(self.type_map or []),
             "domain": self.kf_domain,
+            "force_fit": getattr(self, "kf_force_fit", None),
         }
         # state first: a checkpoint never points at a state that is not there
         save_state(state, self.kf, extra)
@@ -380,6 +385,10 @@ class RLEKFTrainer(DPTrainer):
                     )
                     step_time, timed_steps, wall_tic = 0.0, 0, time.time()
                     self.kf_timing = {"graph": 0.0, "kalman": 0.0}
+                if cur_batch == self.stop_batch and self.run_opt.is_chief and (
+                        not self.display_in_training or cur_batch % self.disp_freq):
+                    # the last step wrote no lcurve line: the plateau check still sees it
+                    self._check_force_fit([batch], self._valid_batches(valid_data))
                 if self.save_freq > 0 and cur_batch % self.save_freq == 0 and self.saver is not None:
                     self.save_checkpoint(cur_batch)
             if (
@@ -390,16 +399,65 @@ class RLEKFTrainer(DPTrainer):
             if fp is not None:
                 fp.close()
         log.info("RLEKF trained %d steps (%d Kalman updates in all)", cur_batch - start_batch, kf.nupdates)
+        fit = getattr(self, "kf_force_fit", None)
+        if fit and not fit["learned"]:
+            log.warning(
+                "RLEKF stopped on its plateau: the %s force RMSE %.4g eV/A is %.2f x the RMS of the "
+                "label forces (%.4g eV/A), the model has learned (almost) no forces yet; train "
+                "longer (training/numb_steps) before using it", fit["on"], fit["force_rmse"],
+                fit["ratio"], fit["label_force_rms"])
+
+    def _valid_batches(self, valid_data):
+        if valid_data is None:
+            return None
+        return [valid_data.get_batch() for _ in range(self.valid_numb_batch)]
 
     def _display(self, fp, batch: dict, valid_data, header: bool = False) -> None:
         if not self.run_opt.is_chief:
             return
-        valid_batches = (
-            [valid_data.get_batch() for _ in range(self.valid_numb_batch)]
-            if valid_data is not None
-            else None
-        )
-        self.valid_on_the_fly(fp, [batch], valid_batches, print_header=header)
+        self.valid_on_the_fly(fp, [batch], self._valid_batches(valid_data), print_header=header)
+
+    def valid_on_the_fly(self, fp, train_batches, valid_batches, print_header=False, fitting_key=None):
+        # every lcurve line also updates the plateau check, from the same evaluations
+        self._kf_evaluated = []
+        super().valid_on_the_fly(fp, train_batches, valid_batches, print_header, fitting_key)
+        self._record_force_fit(self._kf_evaluated, valid_batches)
+
+    def get_evaluation_results(self, batch_list: list) -> dict:
+        results = super().get_evaluation_results(batch_list)
+        if hasattr(self, "_kf_evaluated"):
+            self._kf_evaluated.append((batch_list, results))
+        return results
+
+    def _check_force_fit(self, train_batches: list, valid_batches: list | None) -> None:
+        """The plateau check at a step that wrote no lcurve line (the last one)."""
+        self._kf_evaluated = [(b, super(RLEKFTrainer, self).get_evaluation_results(b))
+                              for b in (train_batches, valid_batches) if b]
+        self._record_force_fit(self._kf_evaluated, valid_batches)
+
+    def _record_force_fit(self, evaluated: list, valid_batches: list | None) -> None:
+        """Force RMSE against the RMS of the label forces on the same frames.
+
+        A model on RLEKF's initial plateau predicts forces near zero, so its force RMSE
+        is close to the labels' RMS; below ``PLATEAU_RATIO`` of it, forces are learned.
+        The validation frames decide when there are any, else the training batch.
+        """
+        for batches, results in reversed(evaluated):
+            rmse = results.get("rmse_f")
+            labels = [np.asarray(b["force"], dtype=np.float64).ravel() for b in batches
+                      if "force" in b and float(np.max(b.get("find_force", 1.0))) > 0]
+            if rmse is None or not labels or not np.isfinite(rmse):
+                continue
+            rms = float(np.sqrt(np.mean(np.concatenate(labels) ** 2)))
+            if rms <= 0:
+                continue
+            ratio = float(rmse) / rms
+            self.kf_force_fit = {
+                "step": int(self.cur_batch), "on": "validation" if batches is valid_batches else "training",
+                "force_rmse": float(rmse), "label_force_rms": rms, "ratio": ratio,
+                "learned": ratio < PLATEAU_RATIO,
+            }
+            return
 
     def _train_step(self, batch: dict) -> None:
         """One energy update and N_f force updates (Algorithm 5, one batch)."""
