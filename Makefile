@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-test: venv qe chromium
+test: venv qe chromium slurm
 	$(PY) -m pytest -ra -q --durations=25 tests
 
 # the embedded default: the whole ALKPU loop (temperature ladder 300 -> 1400 K, EMT as
@@ -38,6 +38,15 @@ qe:
 .PHONY: chromium
 chromium:
 	command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) || echo "chromium not installed: tests/test_report_page.py will skip"
+
+# Debian's Slurm (slurmctld, slurmd, client) and munge, for tests/test_slurm.py (a one-host cluster
+# started by the tests themselves); installed with apt when missing, as root (the tests skip, saying
+# so, without them)
+.PHONY: slurm
+slurm:
+	if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge); then :; \
+	else echo "Slurm not installed (it needs root and apt): tests/test_slurm.py will skip"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
