@@ -119,7 +119,7 @@ def _with_progress_lines(engine, label: str, chunk_s: float = 30.0):
 
 
 def cmd_kpu(args) -> int:
-    from .kpu_engine import KPUEngine, KPUResult, load_configurations
+    from .kpu_engine import InputError, KPUEngine, KPUResult, load_configurations
     from .model_devi import write_result
 
     out = Path(args.output) if args.output else None
@@ -130,7 +130,7 @@ def cmd_kpu(args) -> int:
         result = KPUResult.concatenate(parts)
     else:
         if not args.model or not args.system:
-            raise SystemExit("alkpu kpu: error: --model and --system are needed (or --merge PARTS)")
+            raise InputError("--model and --system are needed (or --merge PARTS)")
         fmt = _detect_fmt(args.system, args.fmt, "lammps/dump", "alkpu kpu")
         engine = KPUEngine(args.model, args.kalman_state, seed=args.seed, rows_per_pass=args.rows_per_pass,
                            memory_limit=args.memory_limit,
@@ -177,7 +177,9 @@ def cmd_calibrate(args) -> int:
         report["holdout_deciles"] = deciles(kpu_h, sq_h, cal)
     text = json.dumps(report, indent=1)
     if args.report:
-        Path(args.report).write_text(text)
+        from .atomic import atomic_write_text
+
+        atomic_write_text(args.report, text)
     print(text)
     return 0
 
@@ -232,7 +234,9 @@ def cmd_lmp_kpu(args) -> int:
               "kpu_other_wall_s": compute_wall - read_wall - engine.timing["rows_s"]
               - engine.timing["quadratic_s"] - engine.timing["domain_s"],
               "kpu_write_wall_s": done - compute_wall}
-    Path(TIMING_FILE).write_text(json.dumps({k: round(v, 3) for k, v in timing.items()}))
+    from .atomic import atomic_write_text
+
+    atomic_write_text(TIMING_FILE, json.dumps({k: round(v, 3) for k, v in timing.items()}))
     return 0
 
 
@@ -343,6 +347,7 @@ def main(argv=None) -> int:
 
     from .deepmd_tf.frozen import StateNotFoundError
     from .kalman import KalmanStateError, LayoutMismatchError
+    from .dpgen.jobs import FailedLabelsError, JobFailedError
     from .kpu_engine import InputError
 
     if argv[:1] == ["label"]:  # its options are the labeller's own
@@ -353,7 +358,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (InputError, KalmanStateError, LayoutMismatchError, StateNotFoundError,
-            FileNotFoundError, ValueError, ArgumentError) as exc:
+            FileNotFoundError, ValueError, ArgumentError, JobFailedError, FailedLabelsError) as exc:
         print(f"alkpu {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -160,13 +161,30 @@ class KPUResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KPUResult":
-        with np.load(path) as d:
-            meta = json.loads(bytes(d["meta"]).decode())
-            calibration = meta.pop("calibration", None)
-            domain = meta.pop("domain", None)
-            virial = d["virial_kpu"] if "virial_kpu" in d.files else None
-            return cls(d["frames"], d["steps"], d["force_kpu"], d["energy_kpu"], d["atom_kpu"],
-                       calibration, meta, virial, domain)
+        """A result saved by :meth:`save`; a missing, truncated or foreign file raises
+        :class:`InputError` naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"the KPU result {path} does not exist")
+        try:
+            with np.load(path) as d:
+                meta = json.loads(bytes(d["meta"]).decode())
+                calibration = meta.pop("calibration", None)
+                domain = meta.pop("domain", None)
+                virial = d["virial_kpu"] if "virial_kpu" in d.files else None
+                result = cls(d["frames"], d["steps"], d["force_kpu"], d["energy_kpu"], d["atom_kpu"],
+                             calibration, meta, virial, domain)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputError(
+                f"the KPU result {path} is damaged ({type(exc).__name__}: {exc}); it is not a complete file "
+                "written by `alkpu kpu --detail` (or an exploration task's kpu.npz). Compute it again: "
+                "`alkpu kpu ... --detail FILE` (in a DP-GEN run, the exploration task that wrote it)"
+            ) from None
+        n = len(result.frames)
+        if not (len(result.steps) == len(result.force_kpu) == len(result.energy_kpu) == len(result.atom_kpu) == n):
+            raise InputError(f"the KPU result {path} is damaged: its arrays hold different numbers of frames; "
+                             "compute it again with `alkpu kpu ... --detail FILE`")
+        return result
 
     @classmethod
     def concatenate(cls, parts: Iterable["KPUResult"]) -> "KPUResult":

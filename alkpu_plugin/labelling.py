@@ -91,7 +91,24 @@ def main(argv=None) -> int:
     ap.add_argument("--calculator", default="emt", help='"emt" (default) or "module:Class"')
     ap.add_argument("--calc-kwargs", default="{}", help="JSON keyword arguments of the calculator")
     args = ap.parse_args(argv)
-    system = dpdata.System(args.input, fmt=args.input_fmt)
-    labelled = label_system(system, make_calculator(args.calculator, json.loads(args.calc_kwargs)))
-    labelled.to(args.output_fmt, args.output)
+    import os
+    import sys
+
+    try:
+        if not os.path.exists(args.input):
+            raise ValueError(f"the input {args.input} does not exist")
+        try:
+            system = dpdata.System(args.input, fmt=args.input_fmt)
+        except Exception as exc:  # dpdata's own errors: name the file and the format
+            raise ValueError(f"the input {args.input} cannot be read as {args.input_fmt} ({type(exc).__name__}: "
+                             f"{exc}); give its dpdata format with --input-fmt") from None
+        calculator = make_calculator(args.calculator, json.loads(args.calc_kwargs))
+    except ValueError as exc:
+        print(f"alkpu label: error: {exc}", file=sys.stderr)
+        return 2
+    labelled = label_system(system, calculator)
+    from .atomic import atomic_output
+
+    # complete or absent: a killed labelling job never leaves half a system for post_fp
+    atomic_output(args.output, lambda tmp: labelled.to(args.output_fmt, tmp))
     return 0

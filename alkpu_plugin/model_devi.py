@@ -28,7 +28,8 @@ import numpy as np
 
 from .atomic import atomic_write
 
-__all__ = ["HEADER", "UNCALIBRATED", "OUT_OF_DOMAIN", "write_model_devi", "write_result", "read_model_devi", "devi_values"]
+__all__ = ["HEADER", "UNCALIBRATED", "OUT_OF_DOMAIN", "write_model_devi", "write_result", "read_model_devi", "devi_values",
+           "ModelDeviError"]
 
 HEADER = "%12s" % "step" + "".join("%19s" % c for c in (
     "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"))
@@ -91,9 +92,32 @@ def write_result(path: str | os.PathLike, result, values=None) -> Path:
                             result.virial_sigma, result.out_of_domain, note)
 
 
-def read_model_devi(path: str | os.PathLike) -> np.ndarray:
-    """The table as DP-GEN reads it (frames x 7)."""
-    return np.loadtxt(path, ndmin=2)
+class ModelDeviError(ValueError):
+    """A model_devi.out that DP-GEN's selection cannot read as it should."""
+
+
+def read_model_devi(path: str | os.PathLike, frames: int | None = None) -> np.ndarray:
+    """The table as DP-GEN reads it (frames x 7).
+
+    A file that is not such a table (truncated in a line, other columns, numbers
+    that are not numbers, steps that do not increase) or, with ``frames``, holds
+    another number of frames (truncated at a line end) raises :class:`ModelDeviError`
+    naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelDeviError(f"{path} does not exist")
+    try:
+        table = np.loadtxt(path, ndmin=2)
+    except ValueError as exc:
+        raise ModelDeviError(f"{path} is damaged (not a table of numbers: {exc})") from None
+    if table.size and table.shape[1] != 7:
+        raise ModelDeviError(f"{path} is damaged: {table.shape[1]} columns, DP-GEN's model_devi.out has 7")
+    if table.size and (not np.all(np.isfinite(table)) or np.any(np.diff(table[:, 0]) <= 0)):
+        raise ModelDeviError(f"{path} is damaged: a number that is not finite, or steps that do not increase")
+    if frames is not None and len(table) != frames:
+        raise ModelDeviError(f"{path} is damaged (truncated?): {len(table)} frames, the exploration wrote {frames}")
+    return table
 
 
 def devi_values(result, relative_to: float | None = None, hook: str | None = None) -> np.ndarray:

@@ -850,11 +850,13 @@ def write_pages(data: dict, out_dir) -> Path:
     for name in OWN_FILES:  # a previous report's files (--overwrite)
         if (out_dir / name).is_file():
             (out_dir / name).unlink()
+    from .atomic import atomic_write, atomic_write_text
+
     for key, png in images.items():
-        (out_dir / FIGURES[key]).write_bytes(png)
-    (out_dir / "report.json").write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    (out_dir / "index.md").write_text(render_markdown(data))
-    (out_dir / "index.html").write_text(render_html(data, images))
+        atomic_write(out_dir / FIGURES[key], lambda fh, png=png: fh.write(png))
+    atomic_write_text(out_dir / "report.json", json.dumps(data, indent=1, ensure_ascii=False))
+    atomic_write_text(out_dir / "index.md", render_markdown(data))
+    atomic_write_text(out_dir / "index.html", render_html(data, images))
     return out_dir
 
 

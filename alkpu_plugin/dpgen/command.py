@@ -20,9 +20,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from ..deepmd_tf.frozen import StateNotFoundError
     from ..kalman import KalmanStateError, LayoutMismatchError
     from ..kpu_engine import InputError
+    from .jobs import FailedLabelsError, JobFailedError
 
     return (InputError, KalmanStateError, LayoutMismatchError, StateNotFoundError,
-            FileNotFoundError, ValueError, ArgumentError, DpgenInternalsError)
+            FileNotFoundError, ValueError, ArgumentError, DpgenInternalsError, JobFailedError, FailedLabelsError)
 
 
 def run_checked(param_file: str, machine_file: str) -> None:

@@ -28,7 +28,9 @@ import shlex
 import tempfile
 from pathlib import Path
 
+from ..atomic import atomic_symlink, atomic_write_text
 from ..runfiles import STEP_NAMES, TIMING_FILE
+from .jobs import FailedLabelsError, guard_jobs, missing_outputs_allowed
 from .params import split_param
 from .stages import StageLog, check_interval, timed_dpgen_steps
 
@@ -49,7 +51,7 @@ def run(param_file: str, machine_file: str) -> None:
     jdata_in = load_file(param_file)
     dpgen_jdata, settings = split_param(jdata_in)  # every check before any work
     stages = StageLog(".", dpgen_jdata, seed=settings.seed)
-    with check_interval(settings.check_interval):
+    with check_interval(settings.check_interval), guard_jobs():
         if not settings.is_kpu:
             from dpgen.generator.run import run_iter
 
@@ -116,10 +118,36 @@ def _run_kpu(jdata: dict, kpu: dict, mdata_in: dict, stages: StageLog | None = N
             record_iter(record, ii, jj)
 
 
+def _failed_labels(ii: int, jdata: dict) -> str:
+    """What DP-GEN's post_fp found: how many labelling tasks gave no labels, which, and what to do."""
+    import glob
+
+    import dpdata
+
+    fp = _iter_dir(ii) / "02.fp"
+    tasks = sorted(p for p in fp.glob("task.*") if p.is_dir())
+    frames = 0
+    for sys_dir in glob.glob(str(fp / "data.*" / "**" / "type.raw"), recursive=True):
+        frames += dpdata.LabeledSystem(os.path.dirname(sys_dir), fmt="deepmd/npy").get_nframes()
+    ratio = jdata.get("ratio_failed", 0.05)
+    text = (f"post_fp of iteration {ii}: {len(tasks) - frames} of {len(tasks)} labelling tasks in {fp} gave no "
+            f"labels ({(len(tasks) - frames) / max(len(tasks), 1):.0%}), more than ratio_failed {ratio:g} "
+            "allows (DP-GEN's check).")
+    if jdata.get("fp_style") == "custom":
+        out = jdata["fp_params"]["output_fn"]
+        missing = [p.name for p in tasks if not (p / out).exists()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            text += f" Without `{out}`: {shown}; their log is `output` in each task directory."
+    return (text + f" Fix the labelling (or raise ratio_failed in param.json), then delete the lines after "
+            f"`{ii} 6` in record.dpgen and run the same command: the labelling tasks run again.")
+
+
 def _fixable():
     from ..calibration import CalibrationError
     from ..kalman import KalmanStateError, LayoutMismatchError
 
+    # (a damaged model_devi.out or kpu.npz, too many failed labels: the message says which step to redo)
     return (KalmanStateError, LayoutMismatchError, CalibrationError, FileNotFoundError)
 
 
@@ -176,11 +204,18 @@ def _run_step(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict) -> bool:
     elif name == "post_model_devi":
         post_model_devi(ii, jdata, md)
     elif name == "make_fp":
+        check_model_devi(ii)  # DP-GEN's selection reads these files
         make_fp(ii, jdata, md)
     elif name == "run_fp":
-        run_fp(ii, jdata, md)
+        with missing_outputs_allowed():  # a label that gave no output is counted by post_fp
+            run_fp(ii, jdata, md)
     elif name == "post_fp":
-        post_fp(ii, jdata)
+        try:
+            post_fp(ii, jdata)
+        except RuntimeError as exc:
+            if "too many unsuccessfully terminated" not in str(exc):
+                raise
+            raise FailedLabelsError(_failed_labels(ii, jdata)) from None
     else:
         raise ValueError(f"unknown stage {name!r}; one of {STEP_NAMES}")
     return True
@@ -259,7 +294,7 @@ def set_init_state(ii: int, jdata: dict) -> None:
     task_input = _iter_dir(ii) / "00.train" / "000" / "input.json"
     data = json.loads(task_input.read_text())
     data.setdefault("optimizer", {})["init_state"] = STATE_LINK
-    task_input.write_text(json.dumps(data, indent=4))
+    atomic_write_text(task_input, json.dumps(data, indent=4))
 
 
 def after_training(ii: int, jdata: dict, kpu: dict) -> None:
@@ -278,21 +313,16 @@ def after_training(ii: int, jdata: dict, kpu: dict) -> None:
         read_meta(state)
     except KalmanStateError as exc:
         raise KalmanStateError(f"{exc} {retrain}") from None
-    link = train_dir / STATE_LINK
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(os.path.join("000", "model.ckpt.kalman.npz"))
+    atomic_symlink(train_dir / STATE_LINK, os.path.join("000", "model.ckpt.kalman.npz"))
     if _training_skipped(ii):
         # the previous model, unchanged: its calibration / KPU_train stand (never refitted,
         # which would rewrite the earlier iteration's files through the link)
         prev = _iter_dir(ii - 1) / "00.train"
         if (prev / CALIBRATION_LINK).exists():
-            cal = train_dir / CALIBRATION_LINK
-            if cal.is_symlink() or cal.exists():
-                cal.unlink()
-            cal.symlink_to(os.path.relpath(os.path.realpath(prev / CALIBRATION_LINK), train_dir))
+            atomic_symlink(train_dir / CALIBRATION_LINK,
+                           os.path.relpath(os.path.realpath(prev / CALIBRATION_LINK), train_dir))
         if (prev / KPU_TRAIN).exists():
-            (train_dir / KPU_TRAIN).write_text((prev / KPU_TRAIN).read_text())
+            atomic_write_text(train_dir / KPU_TRAIN, (prev / KPU_TRAIN).read_text())
         log.info("ALKPU iter.%06d: no new data, model and KPU calibration of iter.%06d kept", ii, ii - 1)
         return
     if kpu.get("trust", "calibrated") == "calibrated":
@@ -324,6 +354,26 @@ def check_exploration(ii: int, jdata: dict, kpu: dict) -> None:
             log.info("ALKPU iter.%06d: no %s, computing it again", ii, train_dir / KPU_TRAIN)
             _refit(ii, jdata, kpu)
         _kpu_train_value(train_dir / KPU_TRAIN)
+
+
+def check_model_devi(ii: int) -> None:
+    """Before DP-GEN's selection: every exploration task of iteration ii has a readable
+    model_devi.out with one row per frame of its kpu.npz (a file cut at a line end would
+    otherwise be read as fewer frames, silently)."""
+    from ..kpu_engine import InputError, KPUResult
+    from ..model_devi import ModelDeviError, read_model_devi
+
+    redo = (f"Explore iteration {ii} again: delete the lines after `{ii} 3` in record.dpgen and run the same "
+            "command; its exploration tasks run again (with the same seeds) and write the file anew.")
+    for task in sorted((_iter_dir(ii) / "01.model_devi").glob("task.*")):
+        out, detail = task / "model_devi.out", task / "kpu.npz"
+        try:
+            frames = len(KPUResult.load(detail).frames) if detail.exists() else None
+            read_model_devi(out, frames)
+        except ModelDeviError as exc:
+            raise ModelDeviError(f"the exploration result {exc}. {redo}") from None
+        except InputError as exc:
+            raise InputError(f"{exc}. {redo}") from None
 
 
 def _refit(ii: int, jdata: dict, kpu: dict) -> None:
@@ -381,7 +431,7 @@ def _kpu_train(ii: int, jdata: dict, train_dir: Path, kpu: dict) -> None:
         if len(values) >= want:
             break
     value = float(np.mean(values))
-    (train_dir / KPU_TRAIN).write_text(json.dumps({"kpu_train": value, "frames": len(values)}))
+    atomic_write_text(train_dir / KPU_TRAIN, json.dumps({"kpu_train": value, "frames": len(values)}))
     log.info("ALKPU KPU_train = %.6g (mean force KPU of %d training frames)", value, len(values))
 
 
@@ -422,8 +472,5 @@ def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int
     cal["fitted_on"] = "training data (in-sample)"
     cal["deciles"] = deciles(kpus, errs, cal)
     saved = save_calibration(train_dir / STATE_LINK, cal)
-    link = train_dir / CALIBRATION_LINK
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(os.path.relpath(saved, train_dir))
+    atomic_symlink(train_dir / CALIBRATION_LINK, os.path.relpath(saved, train_dir))
     log.info("ALKPU calibration: |dF|^2 = %.4g * KPU + %.4g (%d atoms)", cal["a"], cal["b"], cal["n_atoms"])

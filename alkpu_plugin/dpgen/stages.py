@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..atomic import append_line
 from ..runfiles import STAGES_FILE, STEP_NAMES, count_lines
 
 __all__ = ["STAGES_FILE", "machine_cpu_seconds", "StageLog", "timed_dpgen_steps"]
@@ -93,8 +94,7 @@ class StageLog:
         record = {"iter": ii, "stage": name, "wall_s": round(wall, 3),
                   "cpu_s": round(machine_cpu_seconds() - cpu0, 3),
                   "self_cpu_s": round(_own_cpu() - self0, 3)}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         extra = self._summary(ii, name)
         self._say(f"{head} done in {wall:.1f} s (CPU {record['cpu_s']:.1f} s){extra}")
 
