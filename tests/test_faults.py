@@ -227,3 +227,26 @@ def test_a_job_is_never_run_twice_at_once_after_a_kill(tmp_path, whole_group):
     else:
         assert starts == ["start"]  # it ran on and was waited for
     assert "terminated; fail_cout" not in out  # never counted as a failure
+
+
+# ------------------------------------------------------------------ command-line mistakes
+def test_command_line_mistakes_are_named_before_any_work(tmp_path):
+    (tmp_path / "machine.json").write_text('{"train": {')
+    (tmp_path / "param.json").write_text("{}")
+    cases = [
+        (["run", "nothere.json", "machine.json"],
+         f"alkpu run: error: param file 'nothere.json' does not exist (looked for it from {tmp_path}); give the "
+         "path of your param file."),
+        (["run", "param.json", "machine.json"],
+         "alkpu run: error: machine file 'machine.json' cannot be read as JSON or YAML (JSONDecodeError: "
+         "Expecting property name enclosed in double quotes: line 1 column 12 (char 11)); fix its syntax."),
+        (["label", "-i", "nothere", "-o", "labelled"], "alkpu label: error: the input nothere does not exist"),
+        (["kpu", "-s", "traj"], "alkpu kpu: error: --model and --system are needed (or --merge PARTS)"),
+    ]
+    for argv, message in cases:
+        proc = subprocess.run([ALKPU, *argv], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert proc.stderr.strip().splitlines()[-1] == message, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert sorted(os.listdir(tmp_path)) == ["machine.json", "param.json"]  # nothing made
