@@ -443,6 +443,8 @@ class RLEKFTrainer(DPTrainer):
         The validation frames decide when there are any, else the training batch.
         """
         for batches, results in reversed(evaluated):
+            if not results:  # no validation data (DP-GEN's training inputs have none): None
+                continue
             rmse = results.get("rmse_f")
             labels = [np.asarray(b["force"], dtype=np.float64).ravel() for b in batches
                       if "force" in b and float(np.max(b.get("find_force", 1.0))) > 0]
