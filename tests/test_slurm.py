@@ -22,8 +22,6 @@ import pytest
 from .dpgen_run import alkpu_run, make_workdir, records
 from .slurm_cluster import SlurmCluster, SlurmUnavailable
 
-pytestmark = pytest.mark.slow
-
 BIN = Path(sys.executable).parent
 ALL_STEPS = [(ii, jj) for ii in (0,) for jj in range(9)] + [(1, 0), (1, 1), (1, 2)]
 
@@ -92,6 +90,7 @@ def _sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_kpu_iteration_through_slurm(slurm, tmp_path, monkeypatch):
     """One kpu iteration (and the next training, continuing the Kalman state) as Slurm jobs; files
     copied to the remote side (no links), as on a cluster with its own file system."""
@@ -155,6 +154,7 @@ def test_kpu_iteration_through_slurm(slurm, tmp_path, monkeypatch):
     assert read_meta(it1 / "00.train" / "kalman.000.npz")["nupdates"] == read_meta(state)["nupdates"] + 20 * 5
 
 
+@pytest.mark.slow
 def test_committee_iteration_through_slurm(slurm, tmp_path, monkeypatch):
     """DP-GEN's own committee loop (two Adam models) through the same Slurm, files linked."""
     root = make_workdir(tmp_path / "run", uncertainty="committee", numb_models=2, fp_task_max=2)
@@ -174,3 +174,21 @@ def test_committee_iteration_through_slurm(slurm, tmp_path, monkeypatch):
     assert len(candidates) == int(((table[:, 4] >= 0.02) & (table[:, 4] < 50.0)).sum())
     (sysdir,) = {p.parent for p in (it0 / "02.fp" / "data.000").rglob("type.raw")}
     assert dpdata.LabeledSystem(str(sysdir), fmt="deepmd/npy").get_nframes() == 2
+
+
+def test_cluster_machine_files_in_the_docs_pass_the_checks(caplog):
+    """Every machine.json of docs/cluster.md passes the checks `alkpu run` makes before any job
+    (dpdispatcher's schema, strictly: no key it would ignore)."""
+    import logging
+    import re
+
+    from alkpu_plugin.dpgen.preflight import machine_problems
+
+    text = (Path(__file__).parents[1] / "docs" / "cluster.md").read_text()
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S)]
+    assert {b["train"]["machine"]["batch_type"] for b in blocks} == {"Slurm", "PBS", "LSF"}
+    assert {b["train"]["machine"]["context_type"] for b in blocks} == {"LocalContext", "SSHContext"}
+    for mdata in blocks:
+        with caplog.at_level(logging.WARNING):
+            assert machine_problems(mdata) == []
+        assert not [r for r in caplog.records if "machine.json" in r.getMessage()], caplog.text
