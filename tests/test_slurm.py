@@ -73,10 +73,12 @@ def run_on_slurm(root, slurm, monkeypatch, *, fp_group_size, symlink):
     assert all(r["Partition"] == SlurmCluster.partition and r["TimeLimit"] == "20" for r in jobs)
     # one dpdispatcher submission (one remote directory) per DP-GEN step, in the order submitted;
     # for each job what Slurm's epilog saw in its working directory
-    steps = {}
+    seen, workdir = [], None
     for r in jobs:
-        steps.setdefault(r["WorkDir"], []).append(slurm.epilog(r["JobId"]))
-    seen = list(steps.values())
+        if r["WorkDir"] != workdir:
+            seen.append([])
+            workdir = r["WorkDir"]
+        seen[-1].append(slurm.epilog(r["JobId"]))
     # Slurm's own output file of every job was there
     assert all(any(f.startswith("slurm-") and f.endswith(".out") for f in job["files"])
                for step in seen for job in step)
