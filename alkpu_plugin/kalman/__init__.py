@@ -3,7 +3,7 @@
 Pure NumPy/SciPy: this package imports neither DeePMD-kit nor TensorFlow.
 """
 
-from .ekffm import FilterOptions, KalmanFilter
+from .ekffm import FilterOptions, KalmanFilter, KalmanNumericsWarning
 from .layout import BlockLayout, LayoutMismatchError
 from .state import KalmanStateError, load_state, read_meta, save_state
 
@@ -11,6 +11,7 @@ __all__ = [
     "BlockLayout",
     "FilterOptions",
     "KalmanFilter",
+    "KalmanNumericsWarning",
     "KalmanStateError",
     "LayoutMismatchError",
     "load_state",

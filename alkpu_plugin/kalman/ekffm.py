@@ -19,23 +19,49 @@ is read and written once per update):
   (each touches half of the block);
 * the gradient and weights are float64; P is float64 by default, float32 on
   request (the scalars A, lambda and scale are always float64).
+
+Numerical safeguards (docs/rlekf.md, "Numerical safeguards"):
+
+* symmetry is structural: only the upper triangle is stored and used, so P is
+  exactly symmetric;
+* every update checks, at no extra cost, that ``H_l^T S_l H_l`` (computed for K_l
+  anyway) is finite and >= 0 for every block; a negative or non-finite value
+  proves the block indefinite (or damaged) and it is repaired before it is used,
+  so the denominator ``L lambda + sum_l H_l^T P_l H_l`` stays >= L lambda > 0;
+* the downdate removes ``A s |v_l|^2 <= lambda_max(S_l) <= trace(S_l)`` from a
+  semidefinite block; more than the (tracked) trace proves it indefinite: repaired first;
+* resolution floor: when ``H_l^T S_l H_l < f |H_l|^2`` with ``f = eps * trace(S_l)``
+  (the gradient probes a direction below what P's type resolves, where a round-off
+  negative eigenvalue would grow at each such update), ``f I`` is added to S_l first
+  (process noise on that block, O(n_l); counted in ``floor_events``);
+* every ``10 * n_l`` updates (at least 100) block l gets a Cholesky test of
+  ``S_l + tol * max(diag S_l) I`` with ``tol = n_l * eps`` (eps of P's type): it
+  fails only when an eigenvalue is below about ``-tol`` times the largest;
+* the repair raises every eigenvalue of the block below ``tol`` times its largest
+  to that floor (the nearest matrix with that floor; a block with non-finite
+  entries or no positive eigenvalue is reset to ``p0 I``), records it in
+  :attr:`KalmanFilter.repairs` and warns with :class:`KalmanNumericsWarning`
+  naming the block and the update (the first repair of a block and then its 2nd,
+  4th, 8th, ...).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import blas
+from scipy.linalg import blas, lapack
 
 from .layout import BlockLayout
 
-__all__ = ["KalmanFilter", "FilterOptions"]
+__all__ = ["KalmanFilter", "FilterOptions", "KalmanNumericsWarning"]
 
 _BLAS = {
     np.dtype(np.float64): (blas.dsymv, blas.dsyr, blas.dsymm, blas.dscal),
     np.dtype(np.float32): (blas.ssymv, blas.ssyr, blas.ssymm, blas.sscal),
 }
+_POTRF = {np.dtype(np.float64): lapack.dpotrf, np.dtype(np.float32): lapack.spotrf}
 _TRI = {  # for a factorised P: triangular matrix-vector / matrix-matrix products
     np.dtype(np.float64): (blas.dtrmv, blas.dtrmm),
     np.dtype(np.float32): (blas.strmv, blas.strmm),
@@ -44,6 +70,19 @@ _TRI = {  # for a factorised P: triangular matrix-vector / matrix-matrix product
 # fold ``scale`` into the blocks when it leaves this range (rare: with the
 # default lambda_1, nu the product of 1/lambda_k converges to about 5e6)
 _SCALE_LIMIT = 1e12
+
+# the periodic definiteness test of a block of n weights runs every
+# max(_CHECK_MIN, _CHECK_PER_WEIGHT * n) updates: its Cholesky costs n^3/3
+# flops against about 2 n^2 memory accesses per update, so the share of the
+# time it takes does not grow with the block
+_CHECK_PER_WEIGHT = 10
+_CHECK_MIN = 100
+# a downdate that removes more than this times the block's trace proves it indefinite
+_TRACE_SLACK = 1.01
+
+
+class KalmanNumericsWarning(RuntimeWarning):
+    """A block of P was found indefinite (or non-finite) and was repaired."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +118,13 @@ class KalmanFilter:
         lambda_1, nu, p0 and the storage type of P.
     """
 
-    def __init__(self, layout: BlockLayout, options: FilterOptions | None = None):
+    def __init__(
+        self,
+        layout: BlockLayout,
+        options: FilterOptions | None = None,
+        *,
+        check_every: int | None = None,
+    ):
         self.layout = layout
         self.options = options or FilterOptions()
         self.dtype = np.dtype(self.options.p_dtype)
@@ -93,6 +138,25 @@ class KalmanFilter:
         self.nupdates = 0
         # per block: True once S_l holds its Cholesky factor U_l (S_l = U_l^T U_l), see factorize()
         self.factored: list[bool] = [False] * len(self.blocks)
+        # numerical safeguards: tolerance n_l * eps per block, periodic test interval
+        eps = float(np.finfo(self.dtype).eps)
+        self.tolerance: list[float] = [m * eps for m in layout.block_sizes]
+        if check_every is None:
+            self.check_interval = [max(_CHECK_MIN, _CHECK_PER_WEIGHT * m) for m in layout.block_sizes]
+        else:
+            if int(check_every) < 0:
+                raise ValueError(f"check_every must be >= 0 (0: no periodic test), got {check_every}")
+            self.check_interval = [int(check_every)] * len(self.blocks)
+        #: one dict per repair: update, block, reason, min_eig_ratio, action
+        self.repairs: list[dict] = []
+        #: updates at which a block got its resolution floor added (see update())
+        self.floor_events = 0
+        #: False switches every safeguard off (the bare update, for comparisons only)
+        self.safeguards = True
+        # trace of each S_l, kept up to date by the updates; recomputed whenever the
+        # block array is not the one it was computed from (e.g. set by load_state)
+        self._traces: list[float] = [0.0] * len(self.blocks)
+        self._trace_src: list[np.ndarray | None] = [None] * len(self.blocks)
 
     # ------------------------------------------------------------------ update
     def update(self, H: np.ndarray, innovation: float) -> np.ndarray:
@@ -121,34 +185,170 @@ class KalmanFilter:
                 "non-finite gradient or innovation in the Kalman update "
                 "(the model diverged or the data hold NaN/inf)"
             )
+        t = self.nupdates + 1  # the number of this update
+        guard = self.safeguards
+        hs: list[np.ndarray] = []
         vs: list[np.ndarray] = []
-        quad = 0.0
-        for (a, b), S in zip(self.layout.blocks, self.blocks):
+        qs: list[float] = []
+        for i, ((a, b), S) in enumerate(zip(self.layout.blocks, self.blocks)):
             h = H[a:b].astype(self.dtype, copy=False)
             v = self._symv(1.0, S, h)  # S_l H_l (upper triangle)
+            q = float(np.dot(h, v))
+            if not guard:
+                pass
+            elif not q >= 0.0:  # negative or NaN: S_l is indefinite or damaged
+                reason = (f"H^T P H = {q * self.scale:.3g} < 0 along this update's gradient"
+                          if np.isfinite(q) else "H^T P H is not finite")
+                v, q = self._repair_and_redo(i, t, reason, h)
+            else:
+                floor = self.tolerance[i] * self._trace(i) / S.shape[0]  # n eps mean eigenvalue
+                if q < floor * float(np.dot(h, h)):
+                    # h probes a direction where P is below the resolution of its type; a
+                    # round-off negative eigenvalue there would grow at every such update.
+                    # Add floor * I to S_l first (process noise on this block; O(n)).
+                    S.flat[:: S.shape[0] + 1] += floor
+                    self._traces[i] += floor * S.shape[0]
+                    self.floor_events += 1
+                    v = self._symv(1.0, S, h)
+                    q = max(float(np.dot(h, v)), 0.0)
+            hs.append(h)
             vs.append(v)
-            quad += float(np.dot(h, v))
+            qs.append(q)
         lam = self.lam
         s = self.scale
-        A = 1.0 / (len(self.blocks) * lam + s * quad)
+        A = 1.0 / (len(self.blocks) * lam + s * sum(qs))
+        # For a semidefinite S_l the downdate removes A s |v_l|^2 <= |v_l|^2 / q_l
+        # <= lambda_max(S_l) <= trace(S_l). More than the trace: S_l is indefinite
+        # and the downdate would blow the negative part up; repair it first.
+        vv = [float(np.dot(v, v)) for v in vs]
+        redo = False
+        for i in range(len(self.blocks) if guard else 0):
+            removal = A * s * vv[i]
+            if removal > _TRACE_SLACK * self._trace(i):
+                reason = (f"the update would remove {removal:.3g} from a block whose trace is "
+                          f"{self._trace(i):.3g} (in units of scale = {s:.3g})")
+                vs[i], qs[i] = self._repair_and_redo(i, t, reason, hs[i])
+                vv[i] = float(np.dot(vs[i], vs[i]))
+                redo = True
+        if redo:
+            A = 1.0 / (len(self.blocks) * lam + s * sum(qs))
         delta = np.empty(self.layout.n, dtype=np.float64)
         coef = A * float(innovation) * s
-        for (a, b), S, v in zip(self.layout.blocks, self.blocks, vs):
+        for i, ((a, b), S, v) in enumerate(zip(self.layout.blocks, self.blocks, vs)):
             delta[a:b] = coef * v
             # S <- S - A s v v^T  (in place, upper triangle);  P = s S
             self._syr(-A * s, v, a=S, overwrite_a=1)
+            self._traces[i] -= A * s * vv[i]
         self.scale = s / lam
         self.lam = self.options.nu * lam + 1.0 - self.options.nu
         self.nupdates += 1
         self._renormalise()
+        for i, every in enumerate(self.check_interval):
+            if every and guard and (t + i) % every == 0:
+                self.check_block(i)
         return delta
+
+    # --------------------------------------------------------- safeguards
+    def indefinite(self, index: int) -> bool:
+        """True when block ``index`` is not positive semidefinite within its tolerance.
+
+        A Cholesky factorisation of ``S + tol * max(diag S) I`` (a copy;
+        ``tol = n * eps``) succeeds exactly when every eigenvalue of S is above
+        ``-tol * max(diag S)``; non-finite entries count as indefinite.
+        Costs n^3/3 flops.
+        """
+        S = self.blocks[index]
+        if self.factored[index]:
+            return False  # a Cholesky factor: U^T U is semidefinite by construction
+        d = np.diagonal(S)
+        dmax = float(d.max())
+        if not np.isfinite(dmax) or dmax <= 0.0:
+            return True
+        C = np.array(S, order="F", copy=True)
+        C.flat[:: C.shape[0] + 1] += self.tolerance[index] * dmax
+        _, info = _POTRF[self.dtype](C, lower=0, clean=0, overwrite_a=1)
+        return info != 0
+
+    def positive_definite(self, index: int) -> bool:
+        """True when a Cholesky factorisation of block ``index`` (a copy) succeeds."""
+        if self.factored[index]:
+            return True
+        _, info = _POTRF[self.dtype](self.blocks[index], lower=0, clean=0, overwrite_a=0)
+        return info == 0
+
+    def check_block(self, index: int) -> bool:
+        """Test block ``index`` (:meth:`indefinite`) and repair it if needed; True if repaired."""
+        self._trace_src[index] = None  # recompute the tracked trace (no drift)
+        if self.indefinite(index):
+            self._repair(index, self.nupdates, "Cholesky test failed")
+            return True
+        return False
+
+    def check(self) -> list[int]:
+        """Test every block now, repair those that need it; returns their indices."""
+        return [i for i in range(len(self.blocks)) if self.check_block(i)]
+
+    def _repair_and_redo(self, index: int, update: int, reason: str, h: np.ndarray) -> tuple[np.ndarray, float]:
+        """Repair block ``index``; its S h and h^T S h again."""
+        self._repair(index, update, reason)
+        v = self._symv(1.0, self.blocks[index], h)
+        return v, max(float(np.dot(h, v)), 0.0)
+
+    def _repair(self, index: int, update: int, reason: str) -> None:
+        """Make block ``index`` positive definite again (see the module notes); warn."""
+        S = self.blocks[index]
+        m = S.shape[0]
+        tol = self.tolerance[index]
+        U = np.triu(S).astype(np.float64)
+        full = U + np.triu(U, 1).T
+        ratio = float("nan")
+        if np.all(np.isfinite(full)):
+            w, V = np.linalg.eigh(full)
+            wmax = float(w[-1])
+        else:
+            wmax = 0.0
+        if wmax > 0.0:
+            ratio = float(w[0]) / wmax
+            floor = tol * wmax
+            new = (V * np.maximum(w, floor)) @ V.T
+            action = f"its eigenvalues below {tol:.3g} x the largest raised to that floor"
+        else:
+            new = np.eye(m) * (self.options.p0 / self.scale)
+            action = f"reset to p0 I (p0 = {self.options.p0:g})"
+        np.copyto(S, new, casting="unsafe")
+        self._trace_src[index] = None
+        count = sum(1 for r in self.repairs if r["block"] == index) + 1
+        self.repairs.append(
+            {"update": int(update), "block": int(index), "reason": reason,
+             "min_eig_ratio": ratio, "action": action}
+        )
+        if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th, ... repair of this block
+            a, b = self.layout.blocks[index]
+            hint = (" (float32 P cannot resolve this P; \"p_dtype\": \"float64\" can)"
+                    if self.dtype == np.float32 and count > 1 else "")
+            warnings.warn(
+                f"Kalman filter: block {index} of P (weights {a}..{b - 1}, {m} x {m}, "
+                f"{self.dtype.name}) lost positive definiteness at update {update}: {reason}; "
+                f"smallest/largest eigenvalue {ratio:.3g}; repaired: {action}. "
+                f"Repair {count} of this block{hint}.",
+                KalmanNumericsWarning,
+                stacklevel=3,
+            )
 
     def _renormalise(self) -> None:
         if 1.0 / _SCALE_LIMIT < self.scale < _SCALE_LIMIT:
             return
-        for S in self.blocks:
+        for i, S in enumerate(self.blocks):
             self._scal(self.scale, S.reshape(-1, order="F"))
+            self._traces[i] *= self.scale
         self.scale = 1.0
+
+    def _trace(self, index: int) -> float:
+        S = self.blocks[index]
+        if self._trace_src[index] is not S:
+            self._traces[index] = float(np.diagonal(S).sum(dtype=np.float64))
+            self._trace_src[index] = S
+        return self._traces[index]
 
     # --------------------------------------------------------------- queries
     def factorize(self, expected_rows: int | None = None) -> int:
