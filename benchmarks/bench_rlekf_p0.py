@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""RLEKF's initial plateau against the initial covariance p0 (P_0 = p0 I).
+
+The model of bench_rlekf_vs_adam.py (Cu, se_e2_a 25/50/100, fitting 50/50/50, 91,751
+weights, blocksize 1024) is trained by the real ``dp train`` with RLEKF once per p0 on
+32-atom fcc Cu frames labelled by EMT at 300 K (200 training, 30 validation frames),
+everything else at its default. Written: ``<outdir>/p0_table.json`` with the validation
+force RMSE at every lcurve line of each run, the label forces' RMS, and the first step
+at which the validation force RMSE is below half of that RMS.
+
+    .venv/bin/python benchmarks/bench_rlekf_p0.py                     # p0 = 1, 100, 1e4, 1e6
+    .venv/bin/python benchmarks/bench_rlekf_p0.py --p0 1 1e4 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_rlekf_vs_adam import LOSS, MODEL  # noqa: E402
+
+
+def training_input(p0: float, steps: int, disp: int) -> dict:
+    return {
+        "model": copy.deepcopy(MODEL),
+        "learning_rate": {"type": "exp", "start_lr": 1e-3, "stop_lr": 3e-8, "decay_steps": 5000},
+        "loss": LOSS,
+        "optimizer": {"type": "RLEKF", "blocksize": 1024, "seed": 1, "p0": p0},
+        "training": {"training_data": {"systems": ["../data/train"], "batch_size": 1},
+                     "validation_data": {"systems": ["../data/valid"], "batch_size": 1, "numb_btch": 10},
+                     "numb_steps": steps, "disp_freq": disp, "save_freq": steps, "seed": 1},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--outdir", type=Path, default=REPO / "benchmarks" / "out" / "rlekf_p0")
+    ap.add_argument("--p0", type=float, nargs="+", default=[1.0, 100.0, 1e4, 1e6])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--disp", type=int, default=20)
+    args = ap.parse_args()
+    from alkpu_plugin.reference import md_frames
+
+    out = args.outdir
+    data = out / "data"
+    if not (data / "valid").exists():
+        md_frames(300, 200, seed=11).to("deepmd/npy", str(data / "train"))
+        md_frames(300, 30, seed=12).to("deepmd/npy", str(data / "valid"))
+    valid = np.concatenate([np.load(f).ravel() for f in sorted((data / "valid").glob("set.*/force.npy"))])
+    rms = float(np.sqrt(np.mean(valid**2)))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    dp = str(Path(sys.executable).parent / "dp")
+    table = {"label_force_rms": rms, "steps": args.steps, "runs": {}}
+    for p0 in args.p0:
+        run = out / f"p0_{p0:g}"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "input.json").write_text(json.dumps(training_input(p0, args.steps, args.disp), indent=1))
+        with open(run / "train.log", "w") as log:
+            subprocess.run([dp, "train", "input.json"], cwd=run, env=env, stdout=log,
+                           stderr=subprocess.STDOUT, check=True)
+        lc = np.loadtxt(run / "lcurve.out", ndmin=2)
+        steps, f_val, e_val = lc[:, 0].astype(int), lc[:, 5], lc[:, 3]
+        below = np.flatnonzero(f_val < 0.5 * rms)
+        table["runs"][f"{p0:g}"] = {
+            "step": steps.tolist(), "rmse_f_val": f_val.tolist(), "rmse_e_val": e_val.tolist(),
+            "first_step_below_half_rms": int(steps[below[0]]) if below.size else None,
+        }
+        print(f"p0 {p0:g}: force RMSE {f_val[-1]:.3g} eV/A at step {steps[-1]}, below half the "
+              f"label RMS ({rms:.3g}) from step {table['runs'][f'{p0:g}']['first_step_below_half_rms']}",
+              flush=True)
+    (out / "p0_table.json").write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()
