@@ -17,6 +17,13 @@ from typing import IO, Callable
 __all__ = ["atomic_write", "atomic_write_text", "atomic_symlink", "atomic_output", "append_line"]
 
 
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[IO], None], binary: bool = True) -> Path:
     """Call ``writer(fh)`` on a temporary file beside ``path``, then rename it to ``path``.
 
@@ -26,6 +33,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[IO], None], binary: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _new_file_mode())  # as open() would make it, not mkstemp's 0600
         with os.fdopen(fd, "wb" if binary else "w") as fh:
             writer(fh)
         os.replace(tmp, path)
