@@ -201,13 +201,20 @@ def run_to_end(root):
 
 @pytest.mark.slow
 def test_failed_step_resumes_once_the_file_is_fixed(tmp_path):
-    from .dpgen_run import make_workdir, records
+    from .dpgen_run import FAIL, make_workdir, records, wrap_command
 
     # nothing selected for labelling: iteration 1 keeps iteration 0's model, so the run ends quickly
     root = make_workdir(tmp_path / "run", model_devi_f_trust_lo=49.0, model_devi_f_trust_hi=50.0)
+    # the training job fails once (dpdispatcher retries it); exploration fails while a marker exists
+    (tmp_path / "train-fails-once").touch()
+    wrap_command(root, "train", FAIL, "once", tmp_path / "train-fails-once", retry_count=1)
+    broken = tmp_path / "exploration-broken"
+    wrap_command(root, "model_devi", FAIL, "while", broken, retry_count=1)
     train = root / "iter.000000" / "00.train"
     run_until(root, (0, 1))  # trained: DP-GEN's run_train brought back the model and its Kalman state
     assert records(root)[-1] == (0, 1)
+    assert not (tmp_path / "train-fails-once").exists()  # it failed once, and the retry trained
+    assert "simulated failure (once" in (train / "000" / "train.log").read_text()
     frozen = (train / "000" / "frozen_model.pb").stat().st_mtime_ns
     # post_train: the Kalman state beside the trained model is missing
     state = train / "000" / "model.ckpt.kalman.npz"
@@ -230,8 +237,25 @@ def test_failed_step_resumes_once_the_file_is_fixed(tmp_path):
     assert f"alkpu run: error: the KPU calibration {calibration} is damaged" in out
     assert "it continues with run_model_devi of iteration 0" in out
     assert records(root)[-1] == (0, 3)
-    # the documented fix: delete it; the run fits it again (the same fit) and finishes
+    # the documented fix: delete it; the run fits it again (the same fit) and goes on to explore
     calibration.unlink()
+    # an exploration job that keeps failing: one message naming the step, the task, its directory
+    # and its log; record.dpgen keeps make_model_devi as the last finished step
+    broken.touch()
+    rc, out = run_to_end(root)
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    task = "iter.000000/01.model_devi/task.000.000000"
+    assert out.count("alkpu run: error:") == 1
+    assert ("alkpu run: error: run_model_devi of iteration 0 stopped: 1 job(s) failed and were retried 1 "
+            "time(s) (machine.json's retry_count):") in out
+    remote = re.escape(str(root / "remote")) + r"/\w+/task.000.000000"
+    assert re.search(rf"  task task.000.000000: `.*alkpu lmp-kpu .*` in {task} \(run in {remote}\); its log "
+                     rf"{remote}/model_devi.log ends with:\n    simulated failure \(while {re.escape(str(broken))}\)",
+                     out), out[-3000:]
+    assert "so it continues with run_model_devi of iteration 0; jobs that finished are not run again" in out
+    assert records(root)[-1] == (0, 3)
+    # the cause fixed: the same command goes on from there
+    broken.unlink()
     rc, out = run_to_end(root)
     assert rc == 0, out[-5000:]
     assert json.loads(calibration.read_text())["a"] == pytest.approx(fitted["a"], rel=1e-9)
