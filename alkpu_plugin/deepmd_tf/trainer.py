@@ -337,12 +337,15 @@ class RLEKFTrainer(DPTrainer):
         kf, extra = self._open_filter()  # before anything is written
         self.kf = kf
         self.kf_sampler = BatchSampler(train_data, self.rlekf.seed)
-        # the range of the training cells' densities, kept with the state for KPU's domain check
-        self.kf_domain = merge_domains(
-            extra.get("domain") if self.run_opt.init_mode != "init_from_scratch" else None,
-            training_domain((int(sys.natoms), f.get("box"), not sys.pbc)
-                            for sys, f in zip(train_data.data_systems, self.kf_sampler.frames)),
-        )
+        # the range of the training cells' densities, kept with the state for KPU's domain check:
+        # a restart continues the same training, whose data the saved domain already holds
+        this_data = training_domain((int(sys.natoms), f.get("box"), not sys.pbc)
+                                    for sys, f in zip(train_data.data_systems, self.kf_sampler.frames))
+        if self.run_opt.init_mode == "restart" and extra.get("domain"):
+            self.kf_domain = extra["domain"]
+        else:
+            self.kf_domain = merge_domains(
+                extra.get("domain") if self.run_opt.init_mode != "init_from_scratch" else None, this_data)
         seed = self.rlekf.seed
         self.kf_atom_rng = np.random.default_rng(None if seed is None else [int(seed), 1])
         self._init_session()
