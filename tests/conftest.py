@@ -108,29 +108,51 @@ def hot_and_cold(tmp_path_factory):
     return root
 
 
+#: seed of the kill schedule of ``killed_run`` (ALKPU_KILL_SEED=<n> draws other moments)
+KILL_SEED = int(os.environ.get("ALKPU_KILL_SEED", "17"))
+
+
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory):
-    """A real one-iteration `alkpu run` in kpu mode, killed between steps, resumed and finished:
-    (root, mtime of the first training's frozen model). Shared by test_alkpu_run and test_report."""
-    import signal
+def killed_run(tmp_path_factory):
+    """Two real `alkpu run`s in kpu mode of one seeded param.json (iteration 0 whole, iteration 1's
+    training continuing the model and its Kalman state), side by side: one uninterrupted, one
+    SIGKILLed at 10 moments of a seeded schedule (inside training, calibration, LAMMPS, KPU,
+    labelling, between steps; the whole process group, or the driver alone so that its jobs run on;
+    always once after the training's checkpoint at step 25 of 50, with its job) and started again
+    each time. Every job runs through a guard that records a second copy started
+    in a directory where one runs. Returns a dict: root, reference, kills, duplicates, stamp (mtime
+    of iteration 0's frozen model when the first kill after its training came), seconds."""
     import time
 
-    from .dpgen_run import alkpu_run, make_workdir, records
+    from .dpgen_run import alkpu_run, guard_commands, kill_schedule, make_workdir, run_with_kills
 
-    root = make_workdir(tmp_path_factory.mktemp("kpu") / "run", training_reuse_iter=1,
-                        training_reuse_numb_steps=40)
-    # run until exploration is prepared, then kill it (between steps)
-    proc = alkpu_run(root)
-    deadline = time.time() + 600
-    while (0, 3) not in records(root):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() < deadline
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stamp = (root / "iter.000000" / "00.train" / "000" / "frozen_model.pb").stat().st_mtime_ns
-    # resume: finishes, finished steps are not redone
-    proc = alkpu_run(root)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-5000:]
-    return root, stamp
+    base = tmp_path_factory.mktemp("kpu")
+    duplicates = base / "duplicates.txt"
+    roots = []
+    for name in ("run", "reference"):
+        root = make_workdir(base / name, training_reuse_iter=1, training_reuse_numb_steps=40, seed=1)
+        param = json.loads((root / "param.json").read_text())
+        param["default_training_param"]["training"]["save_freq"] = 25  # a checkpoint inside training
+        (root / "param.json").write_text(json.dumps(param, indent=1))
+        guard_commands(root, duplicates)
+        roots.append(root)
+    root, reference = roots
+    t0 = time.perf_counter()
+    ref = alkpu_run(reference)
+    frozen = root / "iter.000000" / "00.train" / "000" / "frozen_model.pb"
+    try:
+        kills, _ = run_with_kills(root, kill_schedule(KILL_SEED), watch=frozen)
+    finally:
+        ref_out, _ = ref.communicate(timeout=900)
+    assert ref.returncode == 0, ref_out[-5000:]
+    stamp = next(k["watched_mtime"] for k in kills if k["record"] >= (0, 1))
+    return {"root": root, "reference": reference, "kills": kills, "duplicates": duplicates, "stamp": stamp,
+            "seconds": time.perf_counter() - t0}
+
+
+@pytest.fixture(scope="session")
+def finished_run(killed_run):
+    """A real `alkpu run` in kpu mode (iteration 0 whole, iteration 1's training), killed 10 times
+    and resumed: (root, mtime of the first training's frozen model). Shared by test_alkpu_run,
+    test_report and test_faults."""
+    return killed_run["root"], killed_run["stamp"]

@@ -4,20 +4,17 @@ Real parts: DP-GEN 0.14's step functions, `dp train` (RLEKF), `dp freeze`, LAMMP
 pair style, the KPU engine, DP-GEN's selection, EMT labelling through the custom fp style, post_fp.
 """
 
-import copy
 import glob
 import json
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 import dpdata
 import numpy as np
 import pytest
 
-from .conftest import QUIET_ENV
+from .conftest import KILL_SEED, QUIET_ENV
 from .dpgen_run import alkpu_run, make_workdir, records
 from .test_dpgen_params import PARAM
 
@@ -76,6 +73,36 @@ def test_one_kpu_iteration_killed_and_resumed(finished_run):
     assert read_meta(it1 / "kalman.000.npz")["nupdates"] == read_meta(state)["nupdates"] + 40 * 5
 
 
+def test_killed_ten_times_ends_as_the_uninterrupted_run(killed_run):
+    """SIGKILL at 10 seeded moments, the same command again each time: the same training data,
+    model_devi.out files, Kalman states and record.dpgen as the run never interrupted, bit for bit
+    (measured: two uninterrupted runs of one seeded param.json are bit-identical here, so nothing
+    needs a tolerance), and no job ever ran twice at once in one directory."""
+    from .dpgen_run import outcome_differences, run_outcome
+
+    kills = killed_run["kills"]
+    print(f"kill schedule (seed {KILL_SEED}), {killed_run['seconds']:.0f} s for both runs:")
+    for k in kills:
+        print(f"  {k['moment']:<24} at record {k['record']} +{k['delay_s']} s"
+              f"{' (driver alone)' if k['driver_only'] else ''}")
+    assert len(kills) == 10
+    # the schedule reached every phase: training, KPU, exploration or labelling jobs, between steps
+    assert {"training", "kpu", "between"} <= {k["kind"] for k in kills}
+    assert {"exploration", "labelling"} & {k["kind"] for k in kills}
+    assert any(k["driver_only"] for k in kills) and not all(k["driver_only"] for k in kills)
+    ours, theirs = run_outcome(killed_run["root"]), run_outcome(killed_run["reference"])
+    assert len(ours) >= 10 and any("kalman" in k for k in ours) and any("02.fp/data" in k for k in ours)
+    assert any(k.endswith("model_devi.out") for k in ours)
+    assert outcome_differences(ours, theirs) == []
+    assert not killed_run["duplicates"].exists(), killed_run["duplicates"].read_text()
+    # the training killed after its checkpoint was continued from it (DP-GEN's `dp train --restart`)
+    log = (killed_run["root"] / "iter.000000" / "00.train" / "000" / "train.log").read_text()
+    assert "start RLEKF training at step 0:" in log and "start RLEKF training at step 25:" in log
+    from alkpu_plugin.kalman import read_meta
+
+    assert read_meta(killed_run["root"] / "iter.000000" / "00.train" / "kalman.000.npz")["extra"]["step"] == 50
+
+
 def test_bad_kpu_param_fails_before_any_work(tmp_path):
     root = make_workdir(tmp_path / "bad", train_backend="pytorch")
     proc = alkpu_run(root)
@@ -86,11 +113,17 @@ def test_bad_kpu_param_fails_before_any_work(tmp_path):
 
 
 def test_paper_relative_trust_rule(tmp_path):
+    """The paper's rule; and a labeller that gives no labels in some tasks: DP-GEN's post_fp counts
+    them as failed and goes on below ratio_failed, stops above it."""
+    from .dpgen_run import LABEL_SOME, wrap_command
+
     root = make_workdir(tmp_path / "rel", kpu={"trust": "relative", "eps_lo": 1.2, "eps_hi": 50.0,
-                                               "kpu_train_frames": 5, "numb_steps": 30})
+                                               "kpu_train_frames": 5, "numb_steps": 30}, ratio_failed=0.5)
+    wrap_command(root, "fp", LABEL_SOME)
     proc = alkpu_run(root)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-5000:]
+    check_failed_labels(root)
     it0 = root / "iter.000000"
     kpu_train = json.loads((it0 / "00.train" / "kalman.000.kpu_train.json").read_text())
     assert kpu_train["frames"] == 5 and kpu_train["kpu_train"] > 0
@@ -107,6 +140,42 @@ def test_paper_relative_trust_rule(tmp_path):
     accurate = [c for c in (it0 / "02.fp" / "rest_accurate.shuffled.000.out").read_text().split("\n") if c.strip()]
     assert len(candidates) == selected
     assert len(accurate) == int((table[:, 4] < 1.2).sum())
+
+
+def check_failed_labels(root):
+    """Tasks task.*1 gave no labels: below ratio_failed the run went on without them; above it
+    post_fp stops, as DP-GEN's post_fp does, with one message that names the tasks."""
+    from dpgen.generator.arginfo import run_jdata_arginfo
+    from dpgen.util import normalize
+
+    from alkpu_plugin.dpgen import driver
+    from alkpu_plugin.dpgen.jobs import FailedLabelsError
+    from alkpu_plugin.dpgen.params import split_param
+    from alkpu_plugin.dpgen.stages import StageLog
+
+    fp = root / "iter.000000" / "02.fp"
+    tasks = sorted(p.name for p in fp.glob("task.*"))
+    failed = [name for name in tasks if name.endswith("1")]
+    assert failed and len(failed) / len(tasks) <= 0.5, tasks
+    assert all((fp / name / "labelled").is_dir() != (name in failed) for name in tasks)
+    (sysdir,) = {p.parent for p in (fp / "data.000").rglob("type.raw")}
+    assert dpdata.LabeledSystem(str(sysdir), fmt="deepmd/npy").get_nframes() == len(tasks) - len(failed)
+    # the same labels with a lower ratio_failed: post_fp stops
+    jdata, settings = split_param(json.loads((root / "param.json").read_text()))
+    jdata["ratio_failed"] = 0.5 * len(failed) / len(tasks)
+    jdata = normalize(run_jdata_arginfo(), driver.kpu_jdata(jdata, settings.kpu))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with pytest.raises(FailedLabelsError) as info:
+            driver.run_stage(0, "post_fp", jdata, {}, settings.kpu, StageLog(root, stream=open(os.devnull, "w")))
+    finally:
+        os.chdir(cwd)
+    text = str(info.value)
+    assert text.startswith(f"post_fp of iteration 0: {len(failed)} of {len(tasks)} labelling tasks in "
+                           "iter.000000/02.fp gave no labels")
+    assert f"more than ratio_failed {jdata['ratio_failed']:g} allows (DP-GEN's check)" in text
+    assert f"Without `labelled`: {failed[0]}" in text and "delete the lines after `0 6` in record.dpgen" in text
 
 
 def test_slurm_job_scripts_carry_the_kalman_state(finished_run, monkeypatch):
@@ -221,29 +290,3 @@ def same_content(x: Path, y: Path) -> bool:
     if x.name == "model_devi.out":
         return np.allclose(np.loadtxt(x), np.loadtxt(y), rtol=0, atol=1e-12)
     return False
-
-
-def test_killed_inside_training_resumes(tmp_path):
-    """Kill `alkpu run` (and its jobs) while the RLEKF training job runs; run again: it finishes."""
-    training = copy.deepcopy(PARAM["default_training_param"])
-    training["training"].update({"numb_steps": 200, "disp_freq": 20, "save_freq": 20})
-    root = make_workdir(tmp_path / "inside", default_training_param=training)
-    proc = alkpu_run(root)
-    deadline = time.time() + 600
-    # wait until the training job has written a checkpoint, i.e. is inside run_train
-    while not list((root / "remote").rglob("model.ckpt-*.kalman.npz")):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() < deadline
-        time.sleep(0.2)
-    assert records(root)[-1] == (0, 0)  # make_train done, run_train not
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc = alkpu_run(root)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-5000:]
-    done = records(root)
-    assert done[-1] == (1, 2) and len(done) == len(set(done))
-    from alkpu_plugin.kalman import read_meta
-
-    state = root / "iter.000000" / "00.train" / "kalman.000.npz"
-    assert read_meta(state)["extra"]["step"] == 200
