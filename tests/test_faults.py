@@ -1,7 +1,6 @@
 """Faults a run must survive: damaged files named before they are used, every file written
 atomically, a kill at any moment (test_alkpu_run.py and conftest.py's ``finished_run``)."""
 
-import json
 import os
 import re
 import signal
