@@ -205,7 +205,13 @@ def _run_step(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict) -> bool:
         post_model_devi(ii, jdata, md)
     elif name == "make_fp":
         check_model_devi(ii)  # DP-GEN's selection reads these files
-        make_fp(ii, jdata, md)
+        if kpu.get("selection", "random") == "diverse":
+            from .diverse import diverse_selection
+
+            with diverse_selection(ii, jdata, kpu, _iter_dir(ii)):
+                make_fp(ii, jdata, md)
+        else:
+            make_fp(ii, jdata, md)
     elif name == "run_fp":
         with missing_outputs_allowed():  # a label that gave no output is counted by post_fp
             run_fp(ii, jdata, md)

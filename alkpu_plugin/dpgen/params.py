@@ -85,6 +85,20 @@ def kpu_arguments() -> list[Argument]:
                  "per-frame (frames,) or per-atom (frames, atoms) values written to model_devi.out, "
                  "which DP-GEN's selection compares with the trust levels. Must be importable where "
                  "the exploration jobs run."),
+        Argument("selection", str, optional=True, default="random",
+                 extra_check=lambda x: x in ("random", "diverse"),
+                 extra_check_errmsg='selection must be "random" or "diverse"',
+                 doc='Which candidates (frames within the trust levels) of a system are labelled when '
+                 'there are more than fp_task_max: "random", DP-GEN\'s random draw; "diverse", a batch '
+                 "chosen greedily across all exploration tasks of the iteration, each frame scored by "
+                 "its most uncertain atom with P updated as if the frames chosen before it had been "
+                 "labelled (virtual Kalman updates), so that repeats of one configuration are not "
+                 "labelled twice. DP-GEN's counts and files stay its own."),
+        Argument("diverse_candidates", int, optional=True, default=200,
+                 extra_check=lambda x: x > 0, extra_check_errmsg="diverse_candidates must be positive",
+                 doc='With selection "diverse": at most this many candidates of a system (those of '
+                 "largest uncertainty) enter the choice; their force rows are computed where make_fp "
+                 "runs."),
         Argument("density_factor", [int, float], optional=True, default=1.3,
                  extra_check=lambda x: x == 0 or x >= 1,
                  extra_check_errmsg="density_factor must be 0 (no density check) or >= 1",
