@@ -254,6 +254,15 @@ def kpu_problems(dpgen: dict, kpu: dict) -> list[str]:
                     problems.append(
                         f"model_devi_f_trust_lo ({lo}) is above model_devi_f_trust_hi ({hi})"
                     )
+    if kpu.get("selection") == "diverse":
+        engine = dpgen.get("model_devi_engine", "lammps")
+        if engine != "lammps" or dpgen.get("model_devi_merge_traj"):
+            problems.append(
+                'kpu/selection "diverse" reads each candidate from the exploration\'s traj/<step>.lammpstrj '
+                f'files; this param.json sets model_devi_engine "{engine}"'
+                + (" and model_devi_merge_traj" if dpgen.get("model_devi_merge_traj") else "")
+                + '. Use LAMMPS without model_devi_merge_traj, or kpu/selection "random".'
+            )
     try:
         _check_p_memory(dpgen, kpu)
     except ParamError as exc:
