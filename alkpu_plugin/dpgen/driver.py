@@ -316,9 +316,10 @@ def after_training(ii: int, jdata: dict, kpu: dict) -> None:
             f"the checkpoint and the training job brings it back): put it back. {retrain}"
         )
     try:
-        read_meta(state)
+        meta = read_meta(state)
     except KalmanStateError as exc:
         raise KalmanStateError(f"{exc} {retrain}") from None
+    check_plateau(ii, meta, kpu)
     atomic_symlink(train_dir / STATE_LINK, os.path.join("000", "model.ckpt.kalman.npz"))
     if _training_skipped(ii):
         # the previous model, unchanged: its calibration / KPU_train stand (never refitted,
@@ -335,6 +336,28 @@ def after_training(ii: int, jdata: dict, kpu: dict) -> None:
         _calibrate(ii, jdata, train_dir, kpu)
     else:
         _kpu_train(ii, jdata, train_dir, kpu)
+
+
+class PlateauError(ValueError):
+    """The iteration's model has learned no forces yet (kpu/on_plateau "stop")."""
+
+
+def check_plateau(ii: int, meta: dict, kpu: dict) -> None:
+    """Say when the trained model ended on RLEKF's initial plateau (``force_fit`` of its state):
+    a warning, or with ``kpu/on_plateau`` "stop" an error before its exploration."""
+    fit = (meta.get("extra") or {}).get("force_fit")
+    if not fit or fit.get("learned", True):
+        return
+    text = (
+        f"iter.{ii:06d}: the model stopped on RLEKF's plateau: its force RMSE on the {fit['on']} frames, "
+        f"{fit['force_rmse']:.3g} eV/A, is {fit['ratio']:.2f} x the RMS of the label forces "
+        f"({fit['label_force_rms']:.3g} eV/A), so it has learned (almost) no forces and its KPU ranks "
+        "frames by noise. Raise kpu/numb_steps (or default_training_param/training/numb_steps), or "
+        "start with a larger kpu/optimizer/p0 (docs/rlekf.md)"
+    )
+    if kpu.get("on_plateau", "warn") == "stop":
+        raise PlateauError(f"{text}; then delete the lines after `{ii} 0` in record.dpgen and run again.")
+    log.warning("%s. Exploring with it all the same (kpu/on_plateau \"stop\" stops here instead).", text)
 
 
 def check_exploration(ii: int, jdata: dict, kpu: dict) -> None:

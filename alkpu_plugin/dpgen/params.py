@@ -99,6 +99,12 @@ def kpu_arguments() -> list[Argument]:
                  doc='With selection "diverse": at most this many candidates of a system (those of '
                  "largest uncertainty) enter the choice; their force rows are computed where make_fp "
                  "runs."),
+        Argument("on_plateau", str, optional=True, default="warn",
+                 extra_check=lambda x: x in ("warn", "stop"),
+                 extra_check_errmsg='on_plateau must be "warn" or "stop"',
+                 doc="When an iteration's RLEKF training ended on its initial plateau (force RMSE at "
+                 "least 0.8 x the RMS of the label forces): \"warn\" says so in the log and explores; "
+                 "\"stop\" stops the run before the exploration, saying what to change."),
         Argument("density_factor", [int, float], optional=True, default=1.3,
                  extra_check=lambda x: x == 0 or x >= 1,
                  extra_check_errmsg="density_factor must be 0 (no density check) or >= 1",
