@@ -46,7 +46,7 @@ def _read(context, name: str) -> str | None:
         if context.check_file_exists(name):
             text = context.read_file(name)
             return text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-    except OSError:
+    except (OSError, AttributeError):  # (a context not bound to a submission)
         pass
     return None
 
@@ -107,11 +107,9 @@ def adopt_recorded_jobs(submission) -> None:
         job.job_state = JobStatus.unsubmitted
 
 
-def _excerpt(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace").rstrip().splitlines()[-lines:]
-    except OSError:
-        return ""
+def _excerpt(context, name: str, lines: int = 8) -> str:
+    """The last lines of the file ``name`` under the submission's (remote) directory."""
+    text = (_read(context, name) or "").rstrip().splitlines()[-lines:]
     return "\n".join("    " + ln for ln in text)
 
 
@@ -142,7 +140,8 @@ def describe_failure(submission, cause: BaseException) -> str | None:
             log = remote / task.task_work_path / (task.errlog or task.outlog or "")
             lines.append(f"  task {task.task_work_path}: `{task.command}` in {local} (run in "
                          f"{remote / task.task_work_path}); its log {log} ends with:")
-            lines.append(_excerpt(log) or "    (no log was written)")
+            lines.append(_excerpt(context, os.path.join(task.task_work_path, task.errlog or task.outlog or ""))
+                         or "    (the log is empty or could not be read)")
     lines.append(f"Fix the cause, then run the same command again (`alkpu run` or `dpgen run`): record.dpgen ends "
                  f"at the last finished step, so it continues with {where}; jobs that finished are not run again.")
     return "\n".join(lines)
