@@ -407,8 +407,8 @@ class RLEKFTrainer(DPTrainer):
             log.warning(
                 "RLEKF stopped on its plateau: the %s force RMSE %.4g eV/A is %.2f x the RMS of the "
                 "label forces (%.4g eV/A), the model has learned (almost) no forces yet; train "
-                "longer (training/numb_steps), or start with a larger optimizer/p0 (a shorter "
-                "plateau: docs/rlekf.md), before using it", fit["on"], fit["force_rmse"],
+                "longer (training/numb_steps) before using it (a larger optimizer/p0 shortens the "
+                "plateau but makes KPU rank frames worse: docs/rlekf.md)", fit["on"], fit["force_rmse"],
                 fit["ratio"], fit["label_force_rms"])
 
     def _valid_batches(self, valid_data):

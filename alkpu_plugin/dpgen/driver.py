@@ -352,8 +352,7 @@ def check_plateau(ii: int, meta: dict, kpu: dict) -> None:
         f"iter.{ii:06d}: the model stopped on RLEKF's plateau: its force RMSE on the {fit['on']} frames, "
         f"{fit['force_rmse']:.3g} eV/A, is {fit['ratio']:.2f} x the RMS of the label forces "
         f"({fit['label_force_rms']:.3g} eV/A), so it has learned (almost) no forces and its KPU ranks "
-        "frames by noise. Raise kpu/numb_steps (or default_training_param/training/numb_steps), or "
-        "start with a larger kpu/optimizer/p0 (docs/rlekf.md)"
+        "frames by noise. Raise kpu/numb_steps (or default_training_param/training/numb_steps)"
     )
     if kpu.get("on_plateau", "warn") == "stop":
         raise PlateauError(f"{text}; then delete the lines after `{ii} 0` in record.dpgen and run again.")
