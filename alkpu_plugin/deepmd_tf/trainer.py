@@ -435,8 +435,10 @@ class RLEKFTrainer(DPTrainer):
 
     def _check_force_fit(self, train_batches: list, valid_batches: list | None) -> None:
         """The plateau check at a step that wrote no lcurve line (the last one)."""
-        self._kf_evaluated = [(b, super(RLEKFTrainer, self).get_evaluation_results(b))
-                              for b in (train_batches, valid_batches) if b]
+        self._kf_evaluated = []
+        for batches in (train_batches, valid_batches):
+            if batches:
+                self.get_evaluation_results(batches)
         self._record_force_fit(self._kf_evaluated, valid_batches)
 
     def _record_force_fit(self, evaluated: list, valid_batches: list | None) -> None:

@@ -34,7 +34,6 @@ from ..atomic import atomic_write_text
 
 log = logging.getLogger("dpgen")
 
-SELECTIONS = ("random", "diverse")
 RECORD = "diverse_selection.{system}.json"
 
 

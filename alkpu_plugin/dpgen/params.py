@@ -40,12 +40,20 @@ CHECK_INTERVAL = "check_interval"
 SEED = "seed"
 MODES = ("committee", "kpu")
 TRUST_MODES = ("calibrated", "relative")
+SELECTIONS = ("random", "diverse")
+PLATEAU_ACTIONS = ("warn", "stop")
 
 log = logging.getLogger("dpgen")
 
 
 class ParamError(ValueError):
     """A param.json that cannot run; the message names the key and the fix."""
+
+
+def _one_of(name: str, choices: tuple[str, ...], doc: str) -> Argument:
+    """A string key that takes one of ``choices`` (the first is the default)."""
+    return Argument(name, str, optional=True, default=choices[0], extra_check=lambda x: x in choices,
+                    extra_check_errmsg=f"{name} must be " + " or ".join(f'"{c}"' for c in choices), doc=doc)
 
 
 def kpu_arguments() -> list[Argument]:
@@ -64,11 +72,9 @@ def kpu_arguments() -> list[Argument]:
             doc="RLEKF steps of the iterations that continue the previous model and its Kalman "
             "state (training_reuse_iter on); replaces training_reuse_numb_steps in kpu mode.",
         ),
-        Argument(
-            "trust", str, optional=True, default="calibrated",
-            extra_check=lambda x: x in TRUST_MODES,
-            extra_check_errmsg='trust must be "calibrated" or "relative"',
-            doc='"calibrated": the calibrated per-atom force uncertainty (eV/A) is compared with '
+        _one_of(
+            "trust", TRUST_MODES,
+            '"calibrated": the calibrated per-atom force uncertainty (eV/A) is compared with '
             'model_devi_f_trust_lo/hi, as DP-GEN compares its committee deviation. "relative": the '
             "paper's rule, frame KPU between eps_lo and eps_hi times KPU_train.",
         ),
@@ -85,26 +91,22 @@ def kpu_arguments() -> list[Argument]:
                  "per-frame (frames,) or per-atom (frames, atoms) values written to model_devi.out, "
                  "which DP-GEN's selection compares with the trust levels. Must be importable where "
                  "the exploration jobs run."),
-        Argument("selection", str, optional=True, default="random",
-                 extra_check=lambda x: x in ("random", "diverse"),
-                 extra_check_errmsg='selection must be "random" or "diverse"',
-                 doc='Which candidates (frames within the trust levels) of a system are labelled when '
-                 'there are more than fp_task_max: "random", DP-GEN\'s random draw; "diverse", a batch '
-                 "chosen greedily across all exploration tasks of the iteration, each frame scored by "
-                 "its most uncertain atom with P updated as if the frames chosen before it had been "
-                 "labelled (virtual Kalman updates), so that repeats of one configuration are not "
-                 "labelled twice. DP-GEN's counts and files stay its own."),
+        _one_of("selection", SELECTIONS,
+                'Which candidates (frames within the trust levels) of a system are labelled when '
+                'there are more than fp_task_max: "random", DP-GEN\'s random draw; "diverse", a batch '
+                "chosen greedily across all exploration tasks of the iteration, each frame scored by "
+                "its most uncertain atom with P updated as if the frames chosen before it had been "
+                "labelled (virtual Kalman updates), so that repeats of one configuration are not "
+                "labelled twice. DP-GEN's counts and files stay its own."),
         Argument("diverse_candidates", int, optional=True, default=200,
                  extra_check=lambda x: x > 0, extra_check_errmsg="diverse_candidates must be positive",
                  doc='With selection "diverse": at most this many candidates of a system (those of '
                  "largest uncertainty) enter the choice; their force rows are computed where make_fp "
                  "runs."),
-        Argument("on_plateau", str, optional=True, default="warn",
-                 extra_check=lambda x: x in ("warn", "stop"),
-                 extra_check_errmsg='on_plateau must be "warn" or "stop"',
-                 doc="When an iteration's RLEKF training ended on its initial plateau (force RMSE at "
-                 "least 0.8 x the RMS of the label forces): \"warn\" says so in the log and explores; "
-                 "\"stop\" stops the run before the exploration, saying what to change."),
+        _one_of("on_plateau", PLATEAU_ACTIONS,
+                "When an iteration's RLEKF training ended on its initial plateau (force RMSE at "
+                "least 0.8 x the RMS of the label forces): \"warn\" says so in the log and explores; "
+                "\"stop\" stops the run before the exploration, saying what to change."),
         Argument("density_factor", [int, float], optional=True, default=1.3,
                  extra_check=lambda x: x == 0 or x >= 1,
                  extra_check_errmsg="density_factor must be 0 (no density check) or >= 1",
