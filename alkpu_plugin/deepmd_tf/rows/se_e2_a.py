@@ -25,15 +25,17 @@ weight gradient is a sum over those centres of three exact parts:
   component gives every component's gradient from one backward pass. The same
   pass gives V_ic = d/dT_i of that sum.
 * embedding weights through T: d/dw_e of 1/S sum_ij <V_ic, R_ij (x) G(s_ij)>
-  over the pairs of the centres (V fixed), again with one copy of the weights per
-  component;
+  over the pairs of the centres (V fixed): the net's forward pass once per atom
+  (its three components share the pairs) with the shared weights, the backward
+  pass per component by hand, so only x^T dz is a product per component;
 * embedding weights through tau (only the <= 2S pairs that hold atom k): the
   gradient of 1/S sum_p w_p <U_i(p), Q_p> with G' carried forward-mode.
 
 Work and memory per component are therefore independent of N: a frame costs
 O(N) and components are made in chunks whose size a memory budget sets
 (:meth:`SeARows.fill`). Per frame, once: the neighbour list, the environment,
-the embedding, T and U for every atom (O(N)).
+T and U for every atom (O(N)), made for blocks of atoms in turn so that the
+embedding net's values over the pairs never exist for the whole frame at once.
 
 This file mirrors DeePMD-kit's se_e2_a embedding net and 'ener' fitting net
 for tanh float64 models (:meth:`SeARows.unsupported_reason` says what else
@@ -204,6 +206,45 @@ def _fit_tangent(x, dx, layers, final):
     return _mm(dx, final)
 
 
+def _embed_weight_grads(s, layers, cot, comp):
+    """Per-component gradients of sum_p <cot_cp, G(s_q(c)p)> w.r.t. the embedding weights.
+
+    ``s`` (K, pairs): the inputs of K atoms' pairs; ``cot`` (C, pairs, M1): the
+    cotangent of each component c at the net's output, on the pairs of its atom
+    ``comp[c]``. The forward pass runs once per atom with the shared weights (one
+    GEMM per layer over every pair); the backward pass runs per component, by hand
+    through DeePMD-kit's layer kinds (new, add, concat; idt), so only x^T dz is a
+    product per component. Returns per layer (gW (C, in, out), gb (C, 1, out),
+    gidt (C, 1, out) or None), shaped as :func:`_per_component`'s copies.
+    """
+    trace = []
+    _embed(s, layers, derivative=False, trace=trace)
+    out = []
+    g = cot
+    for depth, ((W, _, idt), (x, h, kind, idt_used)) in enumerate(zip(reversed(layers), reversed(trace))):
+        hq = tf.gather(h, comp)  # (C, pairs, out)
+        if kind == "add":
+            gh, skip = g, g
+        elif kind == "concat":
+            n_in = W.shape.as_list()[0]
+            gh, skip = g, g[..., :n_in] + g[..., n_in:]
+        else:
+            gh, skip = g, None
+        gidt = None
+        if idt_used is not None:
+            gidt = tf.reduce_sum(gh * hq, axis=1, keepdims=True)
+            gh = gh * idt_used
+        gz = gh * (1.0 - hq * hq)
+        xq = tf.gather(x, comp)  # (C, pairs, in)
+        out.append((tf.matmul(xq, gz, transpose_a=True), tf.reduce_sum(gz, axis=1, keepdims=True),
+                    gidt if idt is not None else None))
+        if depth < len(layers) - 1:
+            g = tf.tensordot(gz, tf.transpose(W), 1)
+            if skip is not None:
+                g = g + skip
+    return list(reversed(out))
+
+
 def _weight_jacobian(R, trace, layers, nnei):
     """dT/dw_e per embedding weight of one net, in layout order (matrix, bias, idt per layer).
 
@@ -362,48 +403,58 @@ class SeARows(StructuredRows):
             return tf.split(x, counts, num=ntypes, axis=0)
 
         R_t = by_type(R)
-        G_parts = [[] for _ in range(ntypes)]  # per centre type: (neighbour type, G, G')
         self._net_blocks = []  # per net: (name, kind, dT/dw) of its weights in the layout
-        for ti, tj, names, layers in self.nets:
+        for ti, tj, names, layers in self.nets:  # dT/dw of every atom: the dense path only
             Rb = R[:, slots[tj]:slots[tj + 1]] if ti is None else R_t[ti][:, slots[tj]:slots[tj + 1]]
             trace = []
-            G, Gp = _embed(Rb[:, :, 0], layers, trace=trace)
+            _embed(Rb[:, :, 0], layers, derivative=False, trace=trace)
             flat_names = [n for layer in names for n in layer]
             self._net_blocks.append([(n, kind, K) for n, (kind, K) in
                                      zip(flat_names, _weight_jacobian(Rb, trace, layers, S)) if n in byname])
-            if ti is None:
-                for t, (g_t, gp_t) in enumerate(zip(by_type(G), by_type(Gp))):
-                    G_parts[t].append((tj, g_t, gp_t))
-            else:
-                G_parts[ti].append((tj, G, Gp))
-        G_rows, Gp_rows = [], []
+
+        def centre_arrays(t, Rb):
+            """T and U = dE/dT (B, 4, M1) of B atoms of type t."""
+            T = tf.zeros(tf.stack([tf.shape(Rb)[0], 4, m1]), R.dtype)
+            for ti, tj, _, layers in self.nets:  # an excluded pair (no net) contributes nothing
+                if ti in (None, t):
+                    Rj = Rb[:, slots[tj]:slots[tj + 1]]
+                    T += tf.einsum("nsa,nsm->nam", Rj, _embed(Rj[:, :, 0], layers, derivative=False)[0]) / S
+            D = tf.reshape(tf.einsum("nam,nak->nmk", T, T[:, :, :m2]), [-1, m1 * m2])
+            # dE/dT: the gradient of the fitting output, via its tangent along each T direction
+            probe = tf.zeros_like(T)
+            dD = tf.reshape(tf.einsum("nam,nak->nmk", probe, T[:, :, :m2])
+                            + tf.einsum("nam,nak->nmk", T, probe[:, :, :m2]), [-1, m1 * m2])
+            tangent = float(c_out[t]) * tf.reduce_sum(_fit_tangent(D, dD, fits[t][0], fits[t][1]))
+            return T, tf.gradients(tangent, probe)[0]
+
+        # made for blocks of atoms in turn (each type's atoms in blocks of at most
+        # ``block_atoms``), so that the embedding net's values over the pairs are those of
+        # one block, not of the frame (the chunks make G and G' again on their few pairs)
+        self.block_atoms = tf.placeholder_with_default(tf.constant(1 << 30), [], name="se_a_block_atoms")
+        starts = tf.concat([[0], tf.cumsum(counts)], 0)
+        shapes = [[None, 4, m1], [None, 4, m1]]
+        parts = [[] for _ in shapes]
         for t in range(ntypes):
-            have = {tj: (g, gp) for tj, g, gp in G_parts[t]}
-            g_cols, gp_cols = [], []
-            for tj in range(ntypes):
-                if tj in have:
-                    g_cols.append(have[tj][0])
-                    gp_cols.append(have[tj][1])
-                else:  # an excluded pair: no net, no contribution
-                    zeros = tf.zeros(tf.stack([counts[t], sel[tj], m1]), R.dtype)
-                    g_cols.append(zeros)
-                    gp_cols.append(zeros)
-            G_rows.append(tf.concat(g_cols, axis=1))
-            Gp_rows.append(tf.concat(gp_cols, axis=1))
-        G, Gp = tf.concat(G_rows, axis=0), tf.concat(Gp_rows, axis=0)
-        T = tf.stop_gradient(tf.einsum("nsa,nsm->nam", R, G) / S)
-        D = tf.reshape(tf.einsum("nam,nak->nmk", T, T[:, :, :m2]), [nloc, m1 * m2])
-        # dE/dT: the gradient of the fitting output, via its tangent along each T direction
-        probe = tf.zeros_like(T)
-        dD = tf.reshape(tf.einsum("nam,nak->nmk", probe, T[:, :, :m2])
-                        + tf.einsum("nam,nak->nmk", T, probe[:, :, :m2]), [nloc, m1 * m2])
-        tangent = tf.add_n([float(c_out[t]) * tf.reduce_sum(_fit_tangent(Dt, dDt, fits[t][0], fits[t][1]))
-                            for t, (Dt, dDt) in enumerate(zip(by_type(D), by_type(dD)))])
-        U = tf.stop_gradient(tf.gradients(tangent, probe)[0])
+            first, n_t = starts[t], counts[t]
+            nblk = (n_t + self.block_atoms - 1) // self.block_atoms
+
+            def body(i, *arrays, t=t, first=first, n_t=n_t):
+                lo = first + i * self.block_atoms
+                hi = tf.minimum(lo + self.block_atoms, first + n_t)
+                out = centre_arrays(t, R[lo:hi])
+                return (i + 1,) + tuple(a.write(i, x) for a, x in zip(arrays, out))
+
+            arrays = tuple(tf.TensorArray(R.dtype, size=nblk, infer_shape=False,
+                                          element_shape=tf.TensorShape(shape)) for shape in shapes)
+            _, *arrays = tf.while_loop(lambda i, *_: i < nblk, body, (tf.constant(0),) + arrays,
+                                       parallel_iterations=1, back_prop=False)
+            for part, a in zip(parts, arrays):
+                part.append(a.concat())
+        T, U = (tf.stop_gradient(tf.concat(part, axis=0)) for part in parts)
         # kept in variables for the frame's chunks: assigned once per frame (a fed array
         # would be copied again for every chunk), read by every chunk
         stored, self.store = [], []
-        for k, t in enumerate([R, rho, G, Gp, T, U]):
+        for k, t in enumerate([R, rho, T, U]):
             var = tf.Variable(tf.zeros([], t.dtype), validate_shape=False, trainable=False,
                               collections=[], name=f"se_a_frame_{k}")
             self.store.append(tf.assign(var, t, validate_shape=False))
@@ -411,7 +462,7 @@ class SeARows(StructuredRows):
             read.set_shape(t.shape)
             stored.append(read)
         self.store = [self.store[0], tf.group(self.store[1:])]  # R comes back (checked per frame)
-        R, rho, G, Gp, T, U = stored
+        R, rho, T, U = stored
 
         # ---- per chunk of components (C), of chunk atoms (K), each atom with its A centres
         # cent (K, A): the atoms whose tau the atom moves (itself and the atoms that hold it),
@@ -429,7 +480,17 @@ class SeARows(StructuredRows):
         C = tf.shape(self.comp_q)[0]
         idx = tf.stack([self.pair_i, self.pair_j], -1)
         Rp, rhop = tf.gather_nd(R, idx), tf.gather_nd(rho, idx)  # (K, P, 4), (K, P, 4, 3)
-        Gs, Gps = tf.gather_nd(G, idx), tf.gather_nd(Gp, idx)
+        # G and G' of the tau pairs: every net on the pairs, each pair taking its own net's
+        # (none: an excluded pair contributes nothing)
+        s_p = tf.gather_nd(R[:, :, 0], idx)  # (K, P)
+        type_j = tf.gather(tf.constant(self.slot_type, tf.int32), self.pair_j)
+        type_i = tf.gather(atype, self.pair_i)
+        Gs = Gps = tf.zeros(tf.concat([tf.shape(s_p), [m1]], 0), R.dtype)
+        for ti, tj, _, layers in self.nets:
+            g, gp = _embed(s_p, layers)
+            mine = tf.equal(type_j, tj) if ti is None else tf.equal(type_j, tj) & tf.equal(type_i, ti)
+            Gs = tf.where(tf.broadcast_to(mine[..., None], tf.shape(g)), g, Gs)
+            Gps = tf.where(tf.broadcast_to(mine[..., None], tf.shape(gp)), gp, Gps)
         Q = (tf.einsum("kpax,kpm->kpxam", rhop, Gs)
              + tf.einsum("kpa,kpm,kpx->kpxam", Rp, Gps, rhop[:, :, 0, :]))
         Q = Q * (self.pair_w / S)[:, :, None, None, None]
@@ -469,6 +530,7 @@ class SeARows(StructuredRows):
         V_t = tf.split(V, self.cent_counts, num=ntypes, axis=1)
         g_tau = {}
         cent_t = tf.split(cent_c, self.cent_counts, num=ntypes, axis=1)
+        cent_k = tf.split(self.cent, self.cent_counts, num=ntypes, axis=1)
         self.net_pairs, self.net_real = [], []
         for k, (ti, tj, names, layers) in enumerate(self.nets):
             emb_c = _copies(layers, C)
@@ -482,10 +544,13 @@ class SeARows(StructuredRows):
             real_c, mult_c = tf.gather(real, self.comp_q), tf.gather(mult, self.comp_q)
             Rn = tf.gather(R[:, slots[tj]:slots[tj + 1]], cn)  # (C, A_n, S_b, 4)
             Vt = tf.reshape(tf.matmul(Rn, Vn), [C, -1, m1])  # (C, A_n S_b, M1): V_ic^T R_ij
-            Vt = tf.gather(Vt, real_c, batch_dims=1) * mult_c[:, :, None]
-            s_c = tf.gather(tf.reshape(Rn[..., 0], [C, -1]), real_c, batch_dims=1)
-            Gn, _ = _embed(s_c, emb_c, derivative=False)  # (C, pairs, M1)
-            L_V = tf.reduce_sum(Vt * Gn) / S
+            Vt = tf.gather(Vt, real_c, batch_dims=1) * (mult_c / S)[:, :, None]
+            # the pairs' inputs once per chunk atom (its components share them)
+            ck = self.cent if ti is None else cent_k[ti]  # (K, A_n)
+            s_k = tf.gather(tf.reshape(tf.gather(R[:, slots[tj]:slots[tj + 1], 0], ck), [K, -1]),
+                            real, batch_dims=1)
+            # the gradient of 1/S sum <Vt, G> (G's forward per atom, backward per component)
+            g_T = _flat(_embed_weight_grads(s_k, layers, Vt, self.comp_q))
             # the tau pairs of this net
             pi = tf.placeholder(tf.int32, [None, None], name=f"se_a_net{k}_pair_i")
             pj = tf.placeholder(tf.int32, [None, None], name=f"se_a_net{k}_pair_j")
@@ -501,10 +566,9 @@ class SeARows(StructuredRows):
             Qq = rq[..., None] * Gq[:, :, None, :] + Rq[..., None] * (Gpq * rq[..., :1])[:, :, None, :]
             L_tau = tf.reduce_sum(pwc[:, :, None, None] * Uq * Qq) / S
             flat_names = [n for layer in names for n in layer]
-            for n, grad, grad_tau in zip(flat_names, tf.gradients(L_V + L_tau, _flat(emb_c)),
-                                         tf.gradients(L_tau, _flat(emb_c))):
+            for n, grad_T, grad_tau in zip(flat_names, g_T, tf.gradients(L_tau, _flat(emb_c))):
                 if n in byname:
-                    g[n], g_tau[n] = grad, grad_tau
+                    g[n], g_tau[n] = grad_T + grad_tau, grad_tau
 
         def rows(grads):
             return tf.concat(
@@ -542,6 +606,17 @@ class SeARows(StructuredRows):
                                                   + self.nnei * 6 * width)
                       + n_pairs * 12 * width)
 
+    def block_size(self, budget_bytes: float) -> int:
+        """Atoms per block of the frame's embedding (G, G', T, U made in blocks): its
+        intermediates, about 8 M1 values per pair, within a quarter of ``budget_bytes``."""
+        per_atom = 8.0 * self.nnei * 8 * self.widths[-1]
+        return int(max(1, budget_bytes / 4 // per_atom))
+
+    def frame_bytes(self, natoms: int) -> float:
+        """Bytes of the arrays a frame keeps for its chunks: per pair its environment row and
+        derivative (16 values); per atom T and dE/dT (4 M1 each)."""
+        return 8.0 * natoms * (self.nnei * 16 + 8 * self.widths[-1])
+
     def chunk_size(self, n_centres: int, n_pairs: int, budget_bytes: float) -> int:
         """Components per graph evaluation whose intermediates fit ``budget_bytes``."""
         return int(max(1, min(4096, budget_bytes // self.component_bytes(n_centres, n_pairs))))
@@ -557,6 +632,7 @@ class SeARows(StructuredRows):
         ``virial_check`` refused them).
         """
         nlist_t, atype_t = sess.run([self.nlist, self.atype], feed_dict=feed)
+        feed[self.block_atoms] = self.block_size(budget_bytes)
         holders = _Holders(nlist_t)
         dense = self.dense_path(nlist_t, atype_t, holders, budget_bytes)
         self.last_path = "dense" if dense else "pair"
@@ -566,6 +642,8 @@ class SeARows(StructuredRows):
         counts = np.bincount(atype, minlength=self.ntypes)
         starts = np.concatenate([[0], np.cumsum(counts)])
         frame = (nlist, atype, self._empty_rows_shared(nlist, atype, R), blocks, starts)
+        # the frame's own arrays, kept while its chunks run, come out of the budget first
+        budget_bytes = max(budget_bytes / 4, budget_bytes - self.frame_bytes(nlist.shape[0]))
         if dense:  # the dense dT/dw stands for the rows' share of the budget
             budget_bytes = max(budget_bytes / 4, budget_bytes - self.dense_bytes(counts))
         n_cent = holders.max_centres()
@@ -649,14 +727,15 @@ class SeARows(StructuredRows):
                      self.pair_i: pi, self.pair_j: pj, self.pair_w: pw,
                      self.comp_q: np.asarray(q, np.int32), self.comp_a: np.asarray(dirs, np.int32)})
         offsets = np.concatenate([[0], np.cumsum(counts)])
+        first = _first_occurrence(cent, np.repeat(np.arange(self.ntypes), counts), atype)
         for (ti, tj, _, _), placeholders, real in zip(self.nets, self.net_pairs, self.net_real):
             keep = (self.slot_type[pj] == tj) & (pw != 0.0)
             if ti is not None:
                 keep &= atype[pi] == ti
             feed.update(zip(placeholders, _compact(pi, pj, pw, keep)))
-            block = cent if ti is None else cent[:, offsets[ti]:offsets[ti + 1]]
-            filled = nlist[block, self.slots[tj]:self.slots[tj + 1]] >= 0
-            feed.update(zip(real, _net_pairs(filled, _first_occurrence(block), shared_empty)))
+            cols = slice(None) if ti is None else slice(offsets[ti], offsets[ti + 1])
+            filled = nlist[cent[:, cols], self.slots[tj]:self.slots[tj + 1]] >= 0
+            feed.update(zip(real, _net_pairs(filled, first[:, cols], shared_empty)))
 
     def _virial_rows(self, sess, feed, frame, rij, budget_bytes, check=None):
         """dW_ab/dw (9, n), a-major, as nine components whose centres are every atom.
@@ -762,12 +841,15 @@ def _net_pairs(filled: np.ndarray, first: np.ndarray, shared_empty: bool):
     return pos, mult
 
 
-def _first_occurrence(block: np.ndarray) -> np.ndarray:
-    """(K, A) True where an atom appears in its row for the first time."""
-    out = np.zeros(block.shape, bool)
-    for r in range(block.shape[0]):
-        _, first = np.unique(block[r], return_index=True)
-        out[r, first] = True
+def _first_occurrence(cent: np.ndarray, column_type: np.ndarray, atype: np.ndarray) -> np.ndarray:
+    """(K, A) True where a centre stands for itself: the first time an atom appears in
+    its row within its own type's columns. Padding repeats an atom, in its own type's
+    columns or, for a type without centres, in that type's columns: never a centre."""
+    out = np.zeros(cent.shape, bool)
+    for r in range(cent.shape[0]):
+        own = np.nonzero(atype[cent[r]] == column_type)[0]
+        _, first = np.unique(cent[r, own], return_index=True)
+        out[r, own[first]] = True
     return out
 
 
