@@ -592,7 +592,7 @@ def table(result: dict) -> str:
                     cells.append(fmt.format(v.mean()) + ("" if v.size == 1 else
                                                          f" [{fmt.format(v.min())}–{fmt.format(v.max())}]"))
             cells.append(f"{np.mean([r['train_force_rmse'] / r['label_force_rms_train'] for r in rows]):.3f}")
-            cells.append("(in the row above)" if "RLEKF model" in name
+            cells.append("(in the committee's)" if "RLEKF model" in name
                          else f"{np.mean([r['wall_s']['total_s'] for r in rows]):.0f}")
             lines.append("| " + " | ".join(cells) + " |")
     rms = ", ".join(f"{t}: {v:.3f} eV/Å" for t, v in result["valid_label_force_rms"].items())
