@@ -42,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "out" / "rlekf_vs_adam"
 
-# the model of the issue
+# a Cu model of DP-GEN's embedding size: se_e2_a [25, 50, 100], fitting [50, 50, 50]
 MODEL = {
     "type_map": ["Cu"],
     "descriptor": {
