@@ -6,7 +6,10 @@ scale is fitted on labelled frames, per atom::
 
     |F_i - F_i^model|^2  ~  a * KPU_i + b          (a > 0, b >= 0: noise floor)
 
-(least squares; b is dropped when the fit makes it negative).  Where the
+(least squares; b is dropped when the fit makes it negative).  A power law
+``a * KPU_i^p`` (:func:`fit_power`) is the alternative for errors that grow
+faster than KPU, and :func:`conformal_quantile` turns either fit into
+intervals |dF_i| <= q * sigma_i with a chosen coverage on held-out atoms.  Where the
 labelled frames carry virials, the virial is fitted the same way, per component
 (``|dW_ab|^2 ~ a_v * kpu_ab + b_v``, stored under ``"virial"``); without
 virial labels the virial uncertainty uses the force scale ``a`` (the scale of P
@@ -25,7 +28,8 @@ import numpy as np
 from .atomic import atomic_write
 from .kalman import read_meta
 
-__all__ = ["fit", "fit_virial", "calibration_path", "load_calibration", "save_calibration", "deciles",
+__all__ = ["fit", "fit_power", "fit_virial", "predicted_sq_error", "conformal_quantile", "interval_coverage",
+           "calibration_path", "load_calibration", "save_calibration", "deciles",
            "calibrate", "force_errors", "virial_errors", "CalibrationError"]
 
 
@@ -41,6 +45,61 @@ def fit(atom_kpu: np.ndarray, sq_error: np.ndarray) -> dict:
         a, b = float(x @ y / (x @ x)), 0.0
     return {"a": float(a), "b": float(b), "n_atoms": int(x.size),
             "model": "|dF_i|^2 = a * KPU_i + b", "unit": "eV^2/A^2"}
+
+
+def fit_power(atom_kpu: np.ndarray, sq_error: np.ndarray, bins: int = 20) -> dict:
+    """Fit sq_error ~ a * atom_kpu**p over atoms (a power law: p = 1 is Theorem 4.3's line).
+
+    A single atom's squared error scatters over orders of magnitude around its mean, so the
+    law is fitted to the means of ``bins`` equal-count bins of KPU: least squares of
+    log(mean error) on log(mean KPU). Out of the regime it was fitted in, a p above 1 says
+    the error grows faster than KPU, as it does where a model extrapolates.
+    """
+    x = np.asarray(atom_kpu, dtype=np.float64).ravel()
+    y = np.asarray(sq_error, dtype=np.float64).ravel()
+    if x.size < 2 * bins or not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)) or np.any(x <= 0):
+        raise ValueError(f"a power-law calibration needs at least {2 * bins} finite atoms with KPU > 0")
+    order = np.argsort(x, kind="stable")
+    parts = np.array_split(order, bins)
+    mx = np.array([x[i].mean() for i in parts])
+    my = np.array([y[i].mean() for i in parts])
+    keep = my > 0
+    if keep.sum() < 2:
+        raise ValueError("a power-law calibration needs errors above zero in at least two KPU bins")
+    p, log_a = np.polyfit(np.log(mx[keep]), np.log(my[keep]), 1)
+    return {"a": float(np.exp(log_a)), "b": 0.0, "p": float(p), "n_atoms": int(x.size),
+            "model": "|dF_i|^2 = a * KPU_i^p", "unit": "eV^2/A^2"}
+
+
+def predicted_sq_error(calibration: dict, kpu) -> np.ndarray:
+    """a * KPU^p + b (p = 1 unless the calibration is a power law), in the calibration's unit."""
+    kpu = np.asarray(kpu, dtype=np.float64)
+    p = float(calibration.get("p", 1.0))
+    scaled = kpu if p == 1.0 else np.power(np.maximum(kpu, 0.0), p)
+    return calibration["a"] * scaled + calibration.get("b", 0.0)
+
+
+def conformal_quantile(atom_kpu: np.ndarray, sq_error: np.ndarray, calibration: dict,
+                       coverage: float = 0.9) -> float:
+    """The factor q for which |dF_i| <= q * sigma_i holds for a share ``coverage`` of new atoms.
+
+    Split-conformal: on atoms the calibration was not fitted on, the scores
+    |dF_i| / sigma_i (sigma_i^2 the calibration's prediction) are sorted and the
+    ceil((n + 1) * coverage)-th smallest is q (infinite when there are too few atoms).
+    The guarantee holds for atoms exchangeable with these; a hotter regime can break it.
+    """
+    if not 0.0 < coverage < 1.0:
+        raise ValueError(f"coverage must lie between 0 and 1, got {coverage}")
+    sigma = np.sqrt(np.maximum(predicted_sq_error(calibration, np.ravel(atom_kpu)), 1e-300))
+    scores = np.sort(np.sqrt(np.maximum(np.ravel(sq_error), 0.0)) / sigma)
+    k = int(np.ceil((scores.size + 1) * coverage))
+    return float(scores[k - 1]) if k <= scores.size else float("inf")
+
+
+def interval_coverage(atom_kpu: np.ndarray, sq_error: np.ndarray, calibration: dict, q: float) -> float:
+    """Share of atoms whose force error lies within q * sigma_i."""
+    sigma = np.sqrt(np.maximum(predicted_sq_error(calibration, np.ravel(atom_kpu)), 0.0))
+    return float(np.mean(np.sqrt(np.maximum(np.ravel(sq_error), 0.0)) <= q * sigma))
 
 
 def fit_virial(virial_kpu: np.ndarray, sq_error: np.ndarray) -> dict:
@@ -61,7 +120,7 @@ def deciles(atom_kpu: np.ndarray, sq_error: np.ndarray, calibration: dict) -> li
     for k, idx in enumerate(np.array_split(order, 10)):
         if idx.size == 0:
             continue
-        pred = calibration["a"] * x[idx] + calibration.get("b", 0.0)
+        pred = predicted_sq_error(calibration, x[idx])
         rows.append({
             "decile": k + 1, "atoms": int(idx.size),
             "kpu_min": float(x[idx].min()), "kpu_max": float(x[idx].max()),

@@ -125,10 +125,13 @@ class KPUResult:
 
     @property
     def atom_sigma(self) -> np.ndarray:
-        """Per-atom force uncertainty: sqrt(a KPU_i + b) eV/A calibrated, else sqrt(KPU_i)."""
+        """Per-atom force uncertainty: sqrt(a KPU_i^p + b) eV/A calibrated (p = 1 unless the
+        calibration is a power law), else sqrt(KPU_i)."""
         if self.calibration:
             a, b = self.calibration["a"], self.calibration.get("b", 0.0)
-            return np.sqrt(np.maximum(a * self.atom_kpu + b, 0.0))
+            p = float(self.calibration.get("p", 1.0))
+            kpu = self.atom_kpu if p == 1.0 else np.power(np.maximum(self.atom_kpu, 0.0), p)
+            return np.sqrt(np.maximum(a * kpu + b, 0.0))
         return np.sqrt(self.atom_kpu)
 
     @property
