@@ -1,0 +1,134 @@
+"""Does the KPU calibration hold out of sample, and on a hotter rung?
+
+Uses the models of a label-efficiency run (``bench_label_efficiency.py``: run it first).
+For every round r >= 1 of a KPU strategy and seed, the model M_r (trained on the labels
+up to round r) chose 5 pool frames to label next: labelled, but never trained on by M_r.
+Those frames are the held-out calibration set. Compared, on the validation frames of the
+hottest rung (1400 K by default, hotter than any pool frame):
+
+* ``in-sample line``: |dF|^2 = a KPU + b fitted on training frames (what ``alkpu run`` fits
+  after a training, as the benchmark recorded it);
+* ``held-out line``: the same line fitted on the held-out frames;
+* ``held-out power``: |dF|^2 = a KPU^p fitted on the held-out frames.
+
+For each: observed against predicted RMS force error per decile of per-atom KPU on the
+hot frames (the ratio predicted / observed, 1 is right), and the coverage of intervals
+|dF_i| <= q sigma_i whose factor q is the split-conformal 90 % quantile on the held-out
+frames. Results: ``OUT/calibration_<system>.json`` and a markdown table.
+
+    .venv/bin/python benchmarks/bench_calibration.py [--work benchmarks/out/label_efficiency/work/Cu-...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
+def _pool(data: Path) -> list:
+    """The pool's systems in the benchmark's index order (temperatures ascending)."""
+    import dpdata
+
+    parts = sorted(data.glob("pool-*K"), key=lambda p: float(p.name[5:-1]))
+    return [(p.name, dpdata.LabeledSystem(str(p), fmt="deepmd/npy")) for p in parts]
+
+
+def _frames_of(pool, indices):
+    """A LabeledSystem holding the pool frames ``indices`` (concatenated index)."""
+    out, offset, wanted = None, 0, set(int(i) for i in indices)
+    for _, system in pool:
+        n = system.get_nframes()
+        mine = [i - offset for i in sorted(wanted) if offset <= i < offset + n]
+        if mine:
+            sub = system.sub_system(mine)
+            out = sub if out is None else out + sub
+        offset += n
+    return out
+
+
+def _kpu_and_errors(engine, system):
+    from alkpu_plugin.calibration import force_errors
+
+    result = engine.compute(system, progress=False)
+    return np.asarray(result.atom_kpu).ravel(), force_errors(engine, system, result).ravel()
+
+
+def _assess(name, fit, held_kpu, held_sq, hot_kpu, hot_sq) -> dict:
+    from alkpu_plugin import calibration as cal
+
+    rows = cal.deciles(hot_kpu, hot_sq, fit)
+    ratio = [r["predicted_rms_error"] / r["observed_rms_error"] for r in rows]
+    q = cal.conformal_quantile(held_kpu, held_sq, fit, 0.9)
+    return {"form": name, "fit": fit, "decile_ratio": ratio, "q90": q,
+            "coverage_held_out_law": cal.interval_coverage(hot_kpu, hot_sq, fit, q)}
+
+
+def main() -> None:
+    from alkpu_plugin import calibration as cal
+    from alkpu_plugin.kpu_engine import KPUEngine
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=None, help="a label-efficiency work folder (default: the newest)")
+    ap.add_argument("--strategy", default="kpu-atom")
+    ap.add_argument("--hot", default="1400K", help="validation rung to test on")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "label_efficiency")
+    args = ap.parse_args()
+    work = args.work or max((ROOT / "benchmarks" / "out" / "label_efficiency" / "work").glob("*-*"),
+                            key=lambda p: p.stat().st_mtime)
+    import dpdata
+
+    hot = dpdata.LabeledSystem(str(work / "data" / "valid" / f"valid-{args.hot}"), fmt="deepmd/npy")
+    results = []
+    for seed_dir in sorted(work.glob("seed*")):
+        pool = _pool(work / "data" / seed_dir.name)
+        for rdir in sorted((seed_dir / args.strategy).glob("round*")):
+            record = json.loads((rdir / "record.json").read_text())
+            graph = rdir / "rlekf" / "graph.pb"
+            if not record.get("selected") or not graph.is_file():
+                continue
+            engine = KPUEngine(graph, seed=0)
+            held = _frames_of(pool, record["selected"])
+            held_kpu, held_sq = _kpu_and_errors(engine, held)
+            hot_kpu, hot_sq = _kpu_and_errors(engine, hot)
+            engine.jacobian.close()
+            in_sample = record["selection"]["calibration"]
+            forms = [("in-sample line", {**in_sample, "model": "line"}),
+                     ("held-out line", cal.fit(held_kpu, held_sq)),
+                     ("held-out power", cal.fit_power(held_kpu, held_sq, bins=8))]
+            entry = {"seed": seed_dir.name, "round": record["round"], "labels": record["labels"],
+                     "forms": [_assess(n, f, held_kpu, held_sq, hot_kpu, hot_sq) for n, f in forms]}
+            results.append(entry)
+            print(json.dumps({"seed": entry["seed"], "round": entry["round"],
+                              **{f["form"]: [round(min(f["decile_ratio"]), 2), round(max(f["decile_ratio"]), 2),
+                                             round(f["coverage_held_out_law"], 3)] for f in entry["forms"]}}),
+                  flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"calibration_{work.name.split('-')[0]}.json").write_text(json.dumps(
+        {"work": str(work), "strategy": args.strategy, "hot": args.hot, "results": results}, indent=1))
+    print(table(results))
+
+
+def table(results) -> str:
+    lines = ["| form | predicted / observed RMS per decile, median over models [min-max] | "
+             "90 % interval coverage on the hot rung, median [min-max] | models |",
+             "| --- | --- | --- | ---: |"]
+    names = [f["form"] for f in results[0]["forms"]] if results else []
+    for k, name in enumerate(names):
+        ratios = np.array([r["forms"][k]["decile_ratio"] for r in results])
+        cover = np.array([r["forms"][k]["coverage_held_out_law"] for r in results])
+        lines.append(f"| {name} | {np.median(ratios):.2f} [{ratios.min():.2f}-{ratios.max():.2f}] | "
+                     f"{np.median(cover):.2f} [{cover.min():.2f}-{cover.max():.2f}] | {len(results)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
