@@ -158,6 +158,10 @@ class ModelJacobian:
             self._make_virial_rows = lambda: _sequential_pfor(self.graph, pfor, virial_row, NVIRIAL)
             self._row = None
             self._make_row = lambda: row(0)
+            # one virial component at a time (frames without some species: see _one_by_one)
+            self._virial_index = tf.placeholder(tf.int32, [], name="virial_index")
+            self._virial_row = None
+            self._make_virial_row = lambda: virial_row(self._virial_index)
             self._energy_row = flat(tf.gradients(self._energy[0], self._weights))
             self._structure = None
             if structured:
@@ -246,7 +250,32 @@ class ModelJacobian:
         return self.force_rows(frame, np.zeros(0, np.int64), virial=True)
 
     def _run_virial_rows(self, feed) -> np.ndarray:
+        if self._one_by_one(feed):
+            if self._virial_row is None:
+                with self.graph.as_default():
+                    self._virial_row = self._make_virial_row()
+            return np.stack([self.sess.run(self._virial_row, feed_dict={**feed, self._virial_index: i})
+                             for i in range(NVIRIAL)])
         return self.sess.run(self._virial_rows_tensor(), feed_dict=feed)
+
+    def _one_by_one(self, feed) -> bool:
+        """Whether the generic rows of this frame go one output at a time: a frame without
+        atoms of some species of the model leaves that species' fitting net with no atoms,
+        and TensorFlow's vectorised loops (pfor) fail on those empty tensors."""
+        return bool((feed[self._t["natoms"]][2:] == 0).any())
+
+    def _run_force_rows(self, feed, chunk) -> np.ndarray:
+        """Generic force rows of the sorted components ``chunk``."""
+        if not self._one_by_one(feed):
+            if self._rows is None:
+                with self.graph.as_default():
+                    self._rows = self._make_rows()
+            feed[self._components] = chunk
+            return self.sess.run(self._rows, feed_dict=feed)
+        if self._row is None:
+            with self.graph.as_default():
+                self._row = self._make_row()
+        return np.stack([self.sess.run(self._row, feed_dict={**feed, self._components: [c]}) for c in chunk])
 
     def _virial_rows_tensor(self):
         if self._virial_rows is None:
@@ -294,8 +323,9 @@ class ModelJacobian:
             # the energy row (and the generic virial rows, where the structure's were refused)
             # come in the structure's per-frame evaluation
             own_virial = virial and self._structured_virial
-            extra = ([self._energy_row] if energy else []) + \
-                ([self._virial_rows_tensor()] if virial and not own_virial else [])
+            generic_virial = virial and not own_virial
+            fused = generic_virial and not self._one_by_one(feed)
+            extra = ([self._energy_row] if energy else []) + ([self._virial_rows_tensor()] if fused else [])
             done, values, vir = self._structure.fill(
                 self.sess, dict(feed), comps, force_sink, budget, self.rows_per_pass,
                 None if self._checked else self._check, extra, own_virial,
@@ -307,22 +337,21 @@ class ModelJacobian:
                 else:
                     self._virial_checked = decided
                 values = values + [vir]
+            elif generic_virial and not fused:
+                values = values + [self._run_virial_rows(feed)]
             if values:
                 sink(0, np.vstack(values))
             if done:
                 self._checked = self._checked or (comps.size > 0 and decided)
                 return comps.size + head
         elif energy or virial:
-            extra = ([self._energy_row] if energy else []) + ([self._virial_rows_tensor()] if virial else [])
-            sink(0, np.vstack(self.sess.run(extra, feed_dict=feed)))
-        if self._rows is None:
-            with self.graph.as_default():
-                self._rows = self._make_rows()
+            values = [self.sess.run(self._energy_row, feed_dict=feed)] if energy else []
+            if virial:
+                values.append(self._run_virial_rows(feed))
+            sink(0, np.vstack(values))
         step = self.rows_per_pass or self.generic_rows_per_pass(order.size)
         for start in range(0, comps.size, step):
-            chunk = comps[start : start + step]
-            feed[self._components] = chunk
-            force_sink(start, self.sess.run(self._rows, feed_dict=feed))
+            force_sink(start, self._run_force_rows(feed, comps[start : start + step]))
         return comps.size + head
 
     def generic_rows_per_pass(self, natoms: int) -> int:
