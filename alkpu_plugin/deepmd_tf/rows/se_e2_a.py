@@ -607,8 +607,9 @@ class SeARows(StructuredRows):
                       + n_pairs * 12 * width)
 
     def block_size(self, budget_bytes: float) -> int:
-        """Atoms per block of the frame's embedding (G, G', T, U made in blocks): its
-        intermediates, about 8 M1 values per pair, within a quarter of ``budget_bytes``."""
+        """Atoms per block when the frame's T and dE/dT are made: the embedding net's
+        intermediates over a block's pairs, about 8 M1 values per pair, within a quarter of
+        ``budget_bytes``."""
         per_atom = 8.0 * self.nnei * 8 * self.widths[-1]
         return int(max(1, budget_bytes / 4 // per_atom))
 
