@@ -118,6 +118,26 @@ def _rel(a, b):
     return float(np.abs(a - b).max()) / scale
 
 
+def _along(jac, frame, fetch, seed=1, eps=1e-5):
+    """A random weight direction d and central differences of the graph's ``fetch``
+    (a function of the fetched tensors' values) along it: what rows @ d should equal."""
+    feed, order = jac._feed(frame)
+    direction = np.random.default_rng(seed).normal(size=jac.layout.n)
+    parts = jac.layout.unpack(direction)
+
+    def at(step):
+        shifted = dict(feed)
+        for w, p in zip(jac._weights, parts):
+            shifted[w] = jac._weight_feed[w] + step * p
+        return fetch(jac, shifted, order)
+
+    return direction, (at(eps) - at(-eps)) / (2 * eps)
+
+
+def _virial(jac, feed, order):
+    return jac.sess.run(jac._virial, feed_dict=feed)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_rows_and_kpu_equal_the_brute_force_path(name, models, cuni_data):
     from alkpu_plugin.kpu_engine import KPUEngine
@@ -151,19 +171,7 @@ def test_rows_and_kpu_equal_the_brute_force_path(name, models, cuni_data):
     W = engine.jacobian.predict_virial(frame).reshape(3, 3)
     assert np.abs(W - W.T).max() <= 1e-6 * np.abs(W).max()  # symmetric for these energies
     if "float32" not in name and CASES[name][0].get("precision") != "float32":
-        jac = engine.jacobian
-        feed, _ = jac._feed(frame)
-        direction = np.random.default_rng(1).normal(size=jac.layout.n)
-        parts = jac.layout.unpack(direction)
-
-        def virial_at(eps):
-            shifted = dict(feed)
-            for w, p in zip(jac._weights, parts):
-                shifted[w] = jac._weight_feed[w] + eps * p
-            return jac.sess.run(jac._virial, feed_dict=shifted)
-
-        eps = 1e-5
-        fd = (virial_at(eps) - virial_at(-eps)) / (2 * eps)
+        direction, fd = _along(engine.jacobian, frame, _virial)
         assert _rel(virial_rows @ direction, fd) < 1e-6
     engine.jacobian.close()
 
@@ -266,17 +274,7 @@ def test_a_frame_of_one_species_of_two(name, models):
         frame = Frame(mixed.coord, mixed.box, np.full(32, t, np.int32))
         brute = np.array([jac.force_row_bruteforce(frame, int(c)) for c in comps])
         # the virial rows along a random weight direction: central differences of the virial
-        feed, _ = jac._feed(frame)
-        direction = np.random.default_rng(t).normal(size=jac.layout.n)
-        parts = jac.layout.unpack(direction)
-
-        def virial_at(eps):
-            shifted = dict(feed)
-            for w, p in zip(jac._weights, parts):
-                shifted[w] = jac._weight_feed[w] + eps * p
-            return jac.sess.run(jac._virial, feed_dict=shifted)
-
-        fd = (virial_at(1e-5) - virial_at(-1e-5)) / 2e-5
+        direction, fd = _along(jac, frame, _virial, seed=t)
         for path in ("dense", "pair"):
             jac._structure.force_path = path
             rows = jac.force_rows(frame, comps, virial=True)
@@ -302,19 +300,11 @@ def test_a_frame_of_one_species_on_the_generic_path(models):
         frame = Frame(mixed.coord, mixed.box, np.full(32, t, np.int32))
         rows = jac.force_rows(frame, comps, energy=True, virial=True)
         assert jac.path.startswith("generic autodiff")
-        feed, order = jac._feed(frame)
-        sorted_comps = jac._sorted_components(order, comps)
-        direction = np.random.default_rng(t).normal(size=jac.layout.n)
-        parts = jac.layout.unpack(direction)
+        def outputs(jac, feed, order):
+            e, v, f = jac.sess.run([jac._energy, jac._virial, jac._force], feed_dict=feed)
+            return np.concatenate([e, v, f[jac._sorted_components(order, comps)]])
 
-        def outputs(eps):
-            shifted = dict(feed)
-            for w, p in zip(jac._weights, parts):
-                shifted[w] = jac._weight_feed[w] + eps * p
-            e, v, f = jac.sess.run([jac._energy, jac._virial, jac._force], feed_dict=shifted)
-            return np.concatenate([e, v, f[sorted_comps]])
-
-        fd = (outputs(1e-5) - outputs(-1e-5)) / 2e-5
+        direction, fd = _along(jac, frame, outputs, seed=t)
         along = rows @ direction
         for part in (slice(0, 1), slice(1, 10), slice(10, None)):  # energy, virial, forces
             assert _rel(along[part], fd[part]) < 1e-6, (t, part)
