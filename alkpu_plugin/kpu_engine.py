@@ -128,10 +128,9 @@ class KPUResult:
         """Per-atom force uncertainty: sqrt(a KPU_i^p + b) eV/A calibrated (p = 1 unless the
         calibration is a power law), else sqrt(KPU_i)."""
         if self.calibration:
-            a, b = self.calibration["a"], self.calibration.get("b", 0.0)
-            p = float(self.calibration.get("p", 1.0))
-            kpu = self.atom_kpu if p == 1.0 else np.power(np.maximum(self.atom_kpu, 0.0), p)
-            return np.sqrt(np.maximum(a * kpu + b, 0.0))
+            from .calibration import predicted_sq_error
+
+            return np.sqrt(np.maximum(predicted_sq_error(self.calibration, self.atom_kpu), 0.0))
         return np.sqrt(self.atom_kpu)
 
     @property

@@ -221,7 +221,7 @@ def _embed_weight_grads(s, layers, cot, comp):
     _embed(s, layers, derivative=False, trace=trace)
     out = []
     g = cot
-    for depth, ((W, _, idt), (x, h, kind, idt_used)) in enumerate(zip(reversed(layers), reversed(trace))):
+    for depth, ((W, _, _), (x, h, kind, idt)) in enumerate(zip(reversed(layers), reversed(trace))):
         hq = tf.gather(h, comp)  # (C, pairs, out)
         if kind == "add":
             gh, skip = g, g
@@ -231,13 +231,12 @@ def _embed_weight_grads(s, layers, cot, comp):
         else:
             gh, skip = g, None
         gidt = None
-        if idt_used is not None:
+        if idt is not None:  # the trace's idt: set where DeePMD-kit's layer has one
             gidt = tf.reduce_sum(gh * hq, axis=1, keepdims=True)
-            gh = gh * idt_used
+            gh = gh * idt
         gz = gh * (1.0 - hq * hq)
         xq = tf.gather(x, comp)  # (C, pairs, in)
-        out.append((tf.matmul(xq, gz, transpose_a=True), tf.reduce_sum(gz, axis=1, keepdims=True),
-                    gidt if idt is not None else None))
+        out.append((tf.matmul(xq, gz, transpose_a=True), tf.reduce_sum(gz, axis=1, keepdims=True), gidt))
         if depth < len(layers) - 1:
             g = tf.tensordot(gz, tf.transpose(W), 1)
             if skip is not None:
