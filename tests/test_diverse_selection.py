@@ -1,5 +1,6 @@
-"""`"selection": "diverse"` in kpu mode: DP-GEN's make_fp labels the greedy diverse batch, and its
-counts and files stay its own.
+"""`kpu/selection` in kpu mode: DP-GEN's make_fp labels the most uncertain candidates ("top"), the
+greedy diverse batch ("diverse") or its own random draw ("random"), and its counts and files stay
+its own.
 
 Runs DP-GEN 0.14's real make_fp on a copy of the exploration of ``finished_run`` (a real kpu
 iteration: RLEKF model, Kalman state, LAMMPS trajectories, model_devi.out and kpu.npz).
@@ -104,9 +105,46 @@ def test_make_fp_labels_the_diverse_batch_and_keeps_dpgens_counts(finished_run, 
 
 
 def test_random_selection_is_dpgens(finished_run, tmp_path, monkeypatch):
-    """Without the key, make_fp is DP-GEN's: no record, fp_task_max frames labelled."""
+    """With "random", make_fp is DP-GEN's: no record, fp_task_max frames labelled."""
     root, _ = finished_run
     _make_fp(root, tmp_path / "run", 3, "random", monkeypatch)
     fp = tmp_path / "run" / "iter.000000" / "02.fp"
-    assert not list(fp.glob("diverse_selection.*"))
+    assert not list(fp.glob("diverse_selection.*")) and not list(fp.glob("top_selection.*"))
     assert len(list(fp.glob("task.000.*"))) == 3
+
+
+def test_top_selection_labels_the_most_uncertain_candidates(finished_run, tmp_path, monkeypatch):
+    from alkpu_plugin.dpgen.params import SELECTIONS
+
+    assert SELECTIONS[0] == "top"  # the default
+    root, _ = finished_run
+    run = tmp_path / "run"
+    jdata, _ = _make_fp(root, run, 3, "top", monkeypatch)
+    fp = run / "iter.000000" / "02.fp"
+    lo, hi = jdata["model_devi_f_trust_lo"], jdata["model_devi_f_trust_hi"]
+    tasks = sorted((run / "iter.000000" / "01.model_devi").glob("task.000.*"))
+    table = {t.name: np.loadtxt(t / "model_devi.out", ndmin=2) for t in tasks}
+    window = {(name, int(r[0])): r[4] for name, t in table.items() for r in t if lo <= r[4] < hi}
+    assert len(window) > 3
+
+    # DP-GEN's counts and files: every frame once, the candidates those in the window
+    candidates = [(c[0].split("/")[-1], int(c[1])) for c in _lines(fp / "candidate.shuffled.000.out")]
+    assert sorted(candidates) == sorted(window)
+    rest = sum(len(_lines(fp / f)) for f in ("rest_accurate.shuffled.000.out", "rest_failed.shuffled.000.out"))
+    assert rest + len(candidates) == sum(len(t) for t in table.values())
+
+    # the labelled frames are the three largest values of the window
+    largest = sorted(window, key=lambda key: -window[key])[:3]
+    assert sorted(candidates[:3]) == sorted(largest)
+    record = json.loads((fp / "top_selection.000.json").read_text())
+    assert [(c[0].split("/")[-1], c[1]) for c in record["chosen"]] == candidates[:3]
+    np.testing.assert_allclose(record["values"], [window[c] for c in candidates[:3]])
+    assert min(record["values"]) >= max(v for key, v in window.items() if key not in largest)
+    fp_tasks = sorted(fp.glob("task.000.*"))
+    labelled = [dpdata.System(str(t / "input"), fmt="deepmd/npy")["coords"][0] for t in fp_tasks]
+    expected = [dpdata.System(str(run / "iter.000000" / "01.model_devi" / name / "traj" / f"{step}.lammpstrj"),
+                              fmt="lammps/dump", type_map=jdata["type_map"])["coords"][0]
+                for name, step in sorted(largest)]
+    assert len(labelled) == 3
+    for got, want in zip(labelled, expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)

@@ -1,8 +1,7 @@
 """`"selection": "diverse"`: DP-GEN's fp tasks chosen as a diverse batch by virtual Kalman updates.
 
-DP-GEN's make_fp sorts each system's frames into accurate, candidate and failed by the
-trust levels (counts and the ``*.shuffled.*.out`` files), shuffles the candidates and
-labels the first ``fp_task_max``. In this mode the candidates are ordered instead: the
+DP-GEN's make_fp labels the first ``fp_task_max`` of each system's shuffled candidates
+(:mod:`.ordering`). In this mode the candidates are ordered instead: the
 first ``fp_task_max`` are the greedy batch of :mod:`alkpu_plugin.kalman.diverse_batch`
 over the candidates of all exploration tasks of the system, the others follow in DP-GEN's
 random order. Counts, files and the labels' bookkeeping stay DP-GEN's own.
@@ -24,8 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -135,43 +132,3 @@ class DiverseChooser:
             return b / (3 * a), "calibration b / (3 a)"
         top = float(np.max(np.diag(K))) if K.size else 1.0
         return max(1e-6 * top, 1e-300), "1e-6 x the largest candidate KPU"
-
-
-@contextmanager
-def diverse_selection(ii: int, jdata: dict, kpu: dict, iter_dir: Path):
-    """Within this block DP-GEN's make_fp orders its candidates by :class:`DiverseChooser`."""
-    import dpgen.generator.run as dprun
-
-    chooser = DiverseChooser(ii, jdata, kpu, Path(iter_dir) / "00.train", Path(iter_dir) / "02.fp")
-    captured: list = []
-
-    def capture(select):
-        def wrapped(*args, **kwargs):
-            out = select(*args, **kwargs)
-            captured.append(out[1])  # (accurate, candidate, failed, counter, ...)
-            return out
-        return wrapped
-
-    class _Random:
-        """DP-GEN's `random` with a shuffle that orders the candidate lists."""
-
-        def __getattr__(self, name):
-            return getattr(random, name)
-
-        def shuffle(self, x, *args):
-            random.shuffle(x, *args)
-            if any(x is c for c in captured):
-                chooser.order(x)
-
-    saved = {name: getattr(dprun, name) for name in
-             ("random", "_select_by_model_devi_standard", "_select_by_model_devi_adaptive_trust_low")}
-    dprun.random = _Random()
-    dprun._select_by_model_devi_standard = capture(saved["_select_by_model_devi_standard"])
-    dprun._select_by_model_devi_adaptive_trust_low = capture(
-        saved["_select_by_model_devi_adaptive_trust_low"])
-    try:
-        yield chooser
-    finally:
-        for name, value in saved.items():
-            setattr(dprun, name, value)
-        chooser.close()

@@ -31,7 +31,8 @@ from pathlib import Path
 from ..atomic import atomic_symlink, atomic_write_text
 from ..runfiles import STEP_NAMES, TIMING_FILE
 from .jobs import FailedLabelsError, guard_jobs, missing_outputs_allowed
-from .params import split_param
+from .ordering import chooser_for, ordered_candidates
+from .params import SELECTIONS, split_param
 from .stages import StageLog, check_interval, timed_dpgen_steps
 
 __all__ = ["run", "run_stage", "kpu_jdata", "kpu_mdata", "set_init_state", "after_training", "check_exploration",
@@ -205,13 +206,12 @@ def _run_step(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict) -> bool:
         post_model_devi(ii, jdata, md)
     elif name == "make_fp":
         check_model_devi(ii)  # DP-GEN's selection reads these files
-        if kpu.get("selection", "random") == "diverse":
-            from .diverse import diverse_selection
-
-            with diverse_selection(ii, jdata, kpu, _iter_dir(ii)):
-                make_fp(ii, jdata, md)
-        else:
+        chooser = chooser_for(kpu.get("selection", SELECTIONS[0]), ii, jdata, kpu, _iter_dir(ii))
+        if chooser is None:
             make_fp(ii, jdata, md)
+        else:
+            with ordered_candidates(chooser):
+                make_fp(ii, jdata, md)
     elif name == "run_fp":
         with missing_outputs_allowed():  # a label that gave no output is counted by post_fp
             run_fp(ii, jdata, md)

@@ -40,7 +40,7 @@ CHECK_INTERVAL = "check_interval"
 SEED = "seed"
 MODES = ("committee", "kpu")
 TRUST_MODES = ("calibrated", "relative")
-SELECTIONS = ("random", "diverse")
+SELECTIONS = ("top", "random", "diverse")
 PLATEAU_ACTIONS = ("warn", "stop")
 
 log = logging.getLogger("dpgen")
@@ -93,11 +93,12 @@ def kpu_arguments() -> list[Argument]:
                  "the exploration jobs run."),
         _one_of("selection", SELECTIONS,
                 'Which candidates (frames within the trust levels) of a system are labelled when '
-                'there are more than fp_task_max: "random", DP-GEN\'s random draw; "diverse", a batch '
-                "chosen greedily across all exploration tasks of the iteration, each frame scored by "
-                "its most uncertain atom with P updated as if the frames chosen before it had been "
-                "labelled (virtual Kalman updates), so that repeats of one configuration are not "
-                "labelled twice. DP-GEN's counts and files stay its own."),
+                'there are more than fp_task_max: "top", the fp_task_max of largest uncertainty '
+                '(the value compared with the trust levels); "random", DP-GEN\'s random draw; '
+                '"diverse", a batch chosen greedily across all exploration tasks of the iteration, '
+                "each frame scored by its most uncertain atom with P updated as if the frames chosen "
+                "before it had been labelled (virtual Kalman updates), so that repeats of one "
+                "configuration are not labelled twice. DP-GEN's counts and files stay its own."),
         Argument("diverse_candidates", int, optional=True, default=200,
                  extra_check=lambda x: x > 0, extra_check_errmsg="diverse_candidates must be positive",
                  doc='With selection "diverse": at most this many candidates of a system (those of '
@@ -269,7 +270,7 @@ def kpu_problems(dpgen: dict, kpu: dict) -> list[str]:
                 'kpu/selection "diverse" reads each candidate from the exploration\'s traj/<step>.lammpstrj '
                 f'files; this param.json sets model_devi_engine "{engine}"'
                 + (" and model_devi_merge_traj" if dpgen.get("model_devi_merge_traj") else "")
-                + '. Use LAMMPS without model_devi_merge_traj, or kpu/selection "random".'
+                + '. Use LAMMPS without model_devi_merge_traj, or kpu/selection "top" or "random".'
             )
     try:
         _check_p_memory(dpgen, kpu)
