@@ -65,13 +65,13 @@ def make_input(cu_data, **changes):
     return data
 
 
-def run_dp(cwd, *args, input_data=None, check=True, python_code=None):
-    """Run the real `dp` command in ``cwd``; returns the CompletedProcess."""
+def run_dp(cwd, *args, input_data=None, check=True, python_code=None, env=None):
+    """Run the real `dp` command in ``cwd`` (``env``: variables added); returns the CompletedProcess."""
     cwd = Path(cwd)
     cwd.mkdir(parents=True, exist_ok=True)
     if input_data is not None:
         (cwd / "input.json").write_text(json.dumps(input_data, indent=1))
-    env = {**os.environ, **QUIET_ENV}
+    env = {**os.environ, **QUIET_ENV, **(env or {})}
     cmd = [str(BIN / "dp"), *args] if python_code is None else [sys.executable, "-c", python_code, *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:

@@ -35,9 +35,11 @@ def tree_digest(directory):
 
 
 def test_rlekf_trains_to_a_small_force_error(cu_data, tmp_path):
+    trace = tmp_path / "trace.jsonl"
     proc = run_dp(tmp_path, "train", "input.json",
                   input_data=make_input(cu_data, **{"training/numb_steps": 300, "training/disp_freq": 100,
-                                                    "training/save_freq": 100}))
+                                                    "training/save_freq": 100}),
+                  env={"ALKPU_RLEKF_TRACE": str(trace)})
     assert "plateau" not in proc.stdout + proc.stderr
     lc = read_lcurve(tmp_path / "lcurve.out")
     valid = np.load(cu_data / "valid" / "set.000" / "force.npy")
@@ -60,6 +62,15 @@ def test_rlekf_trains_to_a_small_force_error(cu_data, tmp_path):
     assert meta["layout"]["blocksize"] == 1024
     expected_lam = 1 - (1 - 0.98) * 0.9987 ** 1500
     assert meta["lambda"] == pytest.approx(expected_lam, rel=1e-12)
+    # the per-update trace: one energy and four force updates per step, the filter's own terms
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(rows) == 1500 and [r["update"] for r in rows] == list(range(1, 1501))
+    assert [r["kind"] for r in rows[:10]] == (["energy"] + ["force"] * 4) * 2
+    nblocks = len(load_state(link)[0].blocks)
+    for r in rows[::97]:
+        assert r["noise"] == pytest.approx(nblocks * r["lambda"], rel=1e-12)
+        assert r["A"] == pytest.approx(1 / (r["noise"] + r["hph"]), rel=1e-9)
+        assert r["hph"] == pytest.approx(sum(r["hph_blocks"]), rel=1e-9) and len(r["hph_blocks"]) == nblocks
     # the plateau check: forces learned, from the last lcurve line's validation force RMSE
     fit = meta["extra"]["force_fit"]
     assert fit["step"] == 300 and fit["on"] == "validation" and fit["learned"]

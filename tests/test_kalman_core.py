@@ -153,6 +153,27 @@ def test_blocks_equal_hand_built_block_diagonal(blocksize):
         np.testing.assert_allclose(kf.block(i), P, rtol=0, atol=1e-10)
 
 
+def test_last_update_terms_equal_dense():
+    """The terms an update records (for diagnostics) are those of the dense block formula."""
+    rng = np.random.default_rng(5)
+    weights = init_weights(rng)
+    layout = BlockLayout.build(SHAPES, 8)
+    kf = KalmanFilter(layout, FilterOptions(lambda1=0.97, nu=0.99, p0=0.3))
+    for x, y in zip(*data(6, rng)):  # P no longer a multiple of I
+        kf.update(layout.pack(mlp_grad(weights, x)), y - mlp(weights, x))
+    Ps = [kf.block(i) for i in range(len(layout.blocks))]
+    lam = kf.lam
+    x = rng.normal(size=3)
+    H = layout.pack(mlp_grad(weights, x))
+    kf.update(H, 0.1)
+    hph = [float(H[a:b] @ P @ H[a:b]) for (a, b), P in zip(layout.blocks, Ps)]
+    rec = kf.last_update
+    assert rec["noise"] == pytest.approx(len(layout.blocks) * lam, rel=1e-12)
+    np.testing.assert_allclose(rec["hph_blocks"], hph, rtol=1e-10)
+    assert rec["hph"] == pytest.approx(sum(hph), rel=1e-10)
+    assert rec["A"] == pytest.approx(1.0 / (len(layout.blocks) * lam + sum(hph)), rel=1e-10)
+
+
 def test_quadratic_form_equals_dense():
     rng = np.random.default_rng(3)
     weights = init_weights(rng)

@@ -25,6 +25,7 @@ restart + N steps equals 2N steps.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -479,7 +480,7 @@ class RLEKFTrainer(DPTrainer):
         self._update(
             [self.kf_energy_H, self.kf_energy], feed,
             lambda energy: rlekf.innovation(label, energy, s.pref_e, c),
-            last=s.force_updates == 0,
+            last=s.force_updates == 0, kind="energy",
         )
         if not s.force_updates:
             return
@@ -497,19 +498,31 @@ class RLEKFTrainer(DPTrainer):
             self._update(
                 [self.kf_force_H, self.kf_force, self.kf_force_label], feed,
                 lambda f_pred, f_lab: rlekf.innovation(f_lab, f_pred, s.pref_f, c),
-                last=u == len(groups) - 1,
+                last=u == len(groups) - 1, kind="force",
             )
 
-    def _update(self, fetches: list, feed: dict, innovation, last: bool) -> None:
+    def _update(self, fetches: list, feed: dict, innovation, last: bool, kind: str = "") -> None:
         """Evaluate H and the prediction, run the filter, add the increment to the weights.
 
-        ``last`` also advances the global step (one per batch).
+        ``last`` also advances the global step (one per batch). With the environment variable
+        ``ALKPU_RLEKF_TRACE`` naming a file, one JSON line per update is appended to it (kind,
+        innovation, the noise term L*lambda, H^T P H in all and per block, the gain factor A,
+        |H| and |delta w|, lambda).
         """
         tic = time.perf_counter()
         H, *pred = run_sess(self.sess, fetches, feed_dict=feed)
         toc = time.perf_counter()
-        delta = self.kf.update(H, innovation(*pred))
+        nu = innovation(*pred)
+        lam = self.kf.lam
+        delta = self.kf.update(H, nu)
         tac = time.perf_counter()
+        trace = os.environ.get("ALKPU_RLEKF_TRACE")
+        if trace:
+            row = {"step": int(self.cur_batch), "update": int(self.kf.nupdates), "kind": kind,
+                   "innovation": nu, "lambda": lam, "H_norm": float(np.linalg.norm(H)),
+                   "delta_norm": float(np.linalg.norm(delta)), **self.kf.last_update}
+            with open(trace, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
         apply = [self.kf_apply, self.kf_step] if last else self.kf_apply
         run_sess(self.sess, apply, feed_dict={self.kf_delta: delta})
         self.kf_timing["graph"] += (toc - tic) + (time.perf_counter() - tac)

@@ -155,6 +155,7 @@ class KalmanFilter:
         self.safeguards = True
         # trace of each S_l, kept up to date by the updates; recomputed whenever the
         # block array is not the one it was computed from (e.g. set by load_state)
+        self.last_update: dict = {}  # the terms of the newest update (see update())
         self._traces: list[float] = [0.0] * len(self.blocks)
         self._trace_src: list[np.ndarray | None] = [None] * len(self.blocks)
 
@@ -232,6 +233,9 @@ class KalmanFilter:
                 redo = True
         if redo:
             A = 1.0 / (len(self.blocks) * lam + s * sum(qs))
+        # the terms of this update, for diagnostics: noise L*lambda, H^T P H, the gain factor A
+        self.last_update = {"noise": len(self.blocks) * lam, "hph": s * sum(qs), "A": A,
+                            "hph_blocks": [s * q for q in qs]}
         delta = np.empty(self.layout.n, dtype=np.float64)
         coef = A * float(innovation) * s
         for i, ((a, b), S, v) in enumerate(zip(self.layout.blocks, self.blocks, vs)):
