@@ -31,10 +31,12 @@ DEMO = ROOT / "examples" / "cu-emt" / "demo.py"
 MODES = ("kpu", "committee")
 
 
-def run_demo(work: Path, mode: str, rounds: int | None) -> None:
+def run_demo(work: Path, mode: str, rounds: int | None, committee_steps: str | None = None) -> None:
     cmd = [sys.executable, str(DEMO), str(work), "--uncertainty", mode, "--no-report"]
     if rounds:
         cmd += ["--rounds", str(rounds)]
+    if committee_steps and mode == "committee":
+        cmd += ["--committee-steps", committee_steps]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 
@@ -59,7 +61,27 @@ def summarise(work: Path) -> dict:
         "wall_s": {k: v["wall_s"] for k, v in times.items()},
         "final_rmse": rmse,
         "rmse_per_round": data["validation"]["rmse"],
+        "lcurve": lcurves(work),
     }
+
+
+def lcurves(work: Path) -> dict:
+    """Per training (iteration/model): training force RMSE at the last line of lcurve.out and
+    the mean over the last fifth of its lines before that, to see whether a training levelled
+    off (the two close) or was still falling when it stopped."""
+    out = {}
+    for path in sorted(work.glob("iter.*/00.train/00[0-9]/lcurve.out")):
+        import numpy as np
+
+        names = path.read_text().splitlines()[0].lstrip("#").split()
+        table = np.loadtxt(path, ndmin=2)
+        if "rmse_f_trn" not in names or len(table) < 5:
+            continue
+        col = table[:, names.index("rmse_f_trn")]
+        tail = col[-max(2, len(col) // 5):-1]
+        out[f"{path.parts[-4]}/{path.parts[-2]}"] = {"steps": int(table[-1, 0]), "last": float(col[-1]),
+                                                     "last_fifth_mean": float(tail.mean())}
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -89,11 +111,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="only the first N rounds of the ladder")
     parser.add_argument("--only", choices=MODES,
                         help="run one of the two (compared with the other's earlier run, if any)")
+    parser.add_argument("--committee-steps", metavar="FIRST,REUSE",
+                        help="Adam steps of the committee's first and continued trainings "
+                        "(the demo's: 4000,2000)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     for mode in MODES:
         if args.only in (None, mode):
-            run_demo(out / mode, mode, args.rounds)
+            run_demo(out / mode, mode, args.rounds, args.committee_steps)
     if not all((out / mode / "record.dpgen").exists() for mode in MODES):
         return 0  # --only with the other run not there yet: nothing to compare
     result = {mode: summarise(out / mode) for mode in MODES}

@@ -9,7 +9,13 @@ hottest rung (1400 K by default, hotter than any pool frame):
 * ``in-sample line``: |dF|^2 = a KPU + b fitted on training frames (what ``alkpu run`` fits
   after a training, as the benchmark recorded it);
 * ``held-out line``: the same line fitted on the held-out frames;
-* ``held-out power``: |dF|^2 = a KPU^p fitted on the held-out frames.
+* ``held-out power``: |dF|^2 = a KPU^p fitted on the held-out frames;
+* ``in-sample power``: the power law fitted on up to 24 of the model's training frames, drawn
+  as ``alkpu run`` draws them (no label spent);
+* ``train+held-out power``: the power law fitted on the atoms of both (up to 24 of the model's
+  training frames, drawn as ``alkpu run`` draws them, and the held-out frames), whose KPU spans
+  a wider range than either alone;
+* ``held-out line per species``: a line per species (two-species systems only).
 
 For each: observed against predicted RMS force error per decile of per-atom KPU on the
 hot frames (the ratio predicted / observed, 1 is right), and the coverage of intervals
@@ -62,6 +68,63 @@ def _kpu_and_errors(engine, system):
     return np.asarray(result.atom_kpu).ravel(), force_errors(engine, system, result).ravel()
 
 
+def _types(engine, system) -> np.ndarray:
+    """The model's species index of every atom, frame after frame (as the KPU arrays are raveled)."""
+    t = engine.jacobian.types_for(system["atom_names"], system["atom_types"])
+    return np.tile(np.asarray(t), system.get_nframes())
+
+
+def _training_frames(work: Path, seed_dir: Path, pool, strategy: str, rnd: int, nframes: int = 24):
+    """Up to ``nframes`` frames of what the round-``rnd`` model trained on: the initial set and
+    the frames selected in the rounds before it."""
+    import dpdata
+
+    system = dpdata.LabeledSystem(str(work / "data" / seed_dir.name / "init"), fmt="deepmd/npy")
+    chosen = []
+    for prev in range(rnd):
+        record = json.loads((seed_dir / strategy / f"round{prev:03d}" / "record.json").read_text())
+        chosen += record.get("selected") or []
+    if chosen:
+        system = system + _frames_of(pool, chosen)
+    n = system.get_nframes()
+    keep = np.random.default_rng(rnd).choice(n, size=min(nframes, n), replace=False)
+    return system.sub_system(sorted(keep.tolist()))
+
+
+class _PerSpecies:
+    """A line per species; predicted_sq_error-compatible through per-atom arrays."""
+
+    def __init__(self, kpu, sq, types):
+        from alkpu_plugin import calibration as cal
+
+        self.pooled = cal.fit(kpu, sq)  # for a species without held-out atoms
+        self.fits = {int(t): cal.fit(kpu[types == t], sq[types == t]) for t in np.unique(types)}
+
+    def predicted(self, kpu, types):
+        from alkpu_plugin import calibration as cal
+
+        out = cal.predicted_sq_error(self.pooled, kpu).astype(float)
+        for t, f in self.fits.items():
+            out[types == t] = cal.predicted_sq_error(f, kpu[types == t])
+        return out
+
+
+def _assess_species(name, model, held, hot) -> dict:
+    """Like _assess for a per-species calibration: deciles and conformal coverage from the
+    per-atom predictions."""
+    (held_kpu, held_sq, held_t), (hot_kpu, hot_sq, hot_t) = held, hot
+    pred_hot = model.predicted(hot_kpu, hot_t)
+    order = np.argsort(hot_kpu, kind="stable")
+    ratio = [float(np.sqrt(max(pred_hot[i].mean(), 0.0)) / np.sqrt(hot_sq[i].mean()))
+             for i in np.array_split(order, 10) if i.size]
+    scores = np.sort(np.sqrt(held_sq) / np.sqrt(np.maximum(model.predicted(held_kpu, held_t), 1e-300)))
+    k = int(np.ceil((scores.size + 1) * 0.9))
+    q = float(scores[k - 1]) if k <= scores.size else float("inf")
+    cover = float(np.mean(np.sqrt(hot_sq) <= q * np.sqrt(np.maximum(pred_hot, 0.0))))
+    return {"form": name, "fit": {str(t): f for t, f in model.fits.items()}, "decile_ratio": ratio,
+            "q90": q, "coverage_held_out_law": cover}
+
+
 def _assess(name, fit, held_kpu, held_sq, hot_kpu, hot_sq) -> dict:
     from alkpu_plugin import calibration as cal
 
@@ -99,13 +162,24 @@ def main() -> None:
             held = _frames_of(pool, record["selected"])
             held_kpu, held_sq = _kpu_and_errors(engine, held)
             hot_kpu, hot_sq = _kpu_and_errors(engine, hot)
-            engine.jacobian.close()
+            train = _training_frames(work, seed_dir, pool, args.strategy, record["round"])
+            train_kpu, train_sq = _kpu_and_errors(engine, train)
             in_sample = record["selection"]["calibration"]
             forms = [("in-sample line", {**in_sample, "model": "line"}),
                      ("held-out line", cal.fit(held_kpu, held_sq)),
-                     ("held-out power", cal.fit_power(held_kpu, held_sq, bins=8))]
+                     ("held-out power", cal.fit_power(held_kpu, held_sq, bins=8)),
+                     ("in-sample power", cal.fit_power(train_kpu, train_sq, bins=8)),
+                     ("train+held-out power", cal.fit_power(np.concatenate([train_kpu, held_kpu]),
+                                                            np.concatenate([train_sq, held_sq]), bins=12))]
+            assessed = [_assess(n, f, held_kpu, held_sq, hot_kpu, hot_sq) for n, f in forms]
+            held_t, hot_t = _types(engine, held), _types(engine, hot)
+            if np.unique(np.concatenate([held_t, hot_t])).size > 1:
+                assessed.append(_assess_species("held-out line per species",
+                                                _PerSpecies(held_kpu, held_sq, held_t),
+                                                (held_kpu, held_sq, held_t), (hot_kpu, hot_sq, hot_t)))
+            engine.jacobian.close()
             entry = {"seed": seed_dir.name, "round": record["round"], "labels": record["labels"],
-                     "forms": [_assess(n, f, held_kpu, held_sq, hot_kpu, hot_sq) for n, f in forms]}
+                     "forms": assessed}
             results.append(entry)
             print(json.dumps({"seed": entry["seed"], "round": entry["round"],
                               **{f["form"]: [round(min(f["decile_ratio"]), 2), round(max(f["decile_ratio"]), 2),

@@ -604,6 +604,38 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def compact(result: dict, temp: str) -> str:
+    """Validation force RMSE at ``temp``: a row per label count, a column per curve (mean
+    [min–max] over seeds), then the labels each curve needs to reach random choice's final mean
+    error (linear interpolation between rounds; "> n" when it never does)."""
+    cur = curves(result, temp)
+    names = list(cur)
+    labels = cur[names[0]][0]
+    fmt = lambda m, lo, hi: f"{m:.3f}" if np.isclose(lo, hi) else f"{m:.3f} [{lo:.3f}–{hi:.3f}]"  # noqa: E731
+    lines = ["| labels | " + " | ".join(names) + " |", "| ---: |" + " --- |" * len(names)]
+    for i, n in enumerate(labels):
+        lines.append(f"| {n} | " + " | ".join(fmt(cur[k][1][i], cur[k][2][i], cur[k][3][i]) if i < len(cur[k][0])
+                                           else "" for k in names) + " |")
+    if "random" in cur:
+        target = cur["random"][1][-1]
+        reach = []
+        for k in names:
+            lab, mean = np.asarray(cur[k][0], float), cur[k][1]
+            below = np.flatnonzero(mean <= target)
+            if not below.size:
+                reach.append(f"> {int(lab[-1])}")
+                continue
+            j = below[0]
+            if j == 0:
+                reach.append(f"{lab[0]:.0f}")
+                continue
+            x = lab[j - 1] + (lab[j] - lab[j - 1]) * (mean[j - 1] - target) / (mean[j - 1] - mean[j])
+            reach.append(f"{x:.0f}")
+        lines.append(f"| labels to reach random's {int(labels[-1])}-label error ({target:.3f}) | "
+                     + " | ".join(reach) + " |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------ main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -634,7 +666,11 @@ def main() -> int:
     out = Path(args.out).resolve()
     result_path = out / f"{args.system}.json"
     if args.table:
-        print(table(json.loads(result_path.read_text())))
+        result = json.loads(result_path.read_text())
+        print(table(result))
+        for temp in result["valid_label_force_rms"]:
+            print(f"\nValidation force RMSE at {temp} (eV/Å):\n")
+            print(compact(result, temp))
         return 0
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]

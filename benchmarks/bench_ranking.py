@@ -10,6 +10,18 @@ pooled, never trained on):
   strategy in round r (max over atoms of sqrt(mean over models |F_m - <F>|^2)), against the
   true max atomic force error of model 0 (the model DP-GEN explores with).
 
+Beside the max per-atom KPU, variants that could rank better are scored the same way:
+
+* ``per-species``: each atom's KPU divided by the mean per-atom KPU of its species on the
+  model's initial training frames (frames every round trained on), so that a species whose
+  atoms carry larger KPU everywhere does not dominate the max;
+* ``energy``: the frame's energy KPU;
+* ``energy+force``: the sum of the per-species force value above and the energy KPU divided by
+  its mean on the same training frames.
+
+(A factor λ or an added noise term, as in the predictive variance λ + gᵀPg, leaves every
+ranking unchanged and is not scored.)
+
 Spearman rank correlation per model; results in ``OUT/ranking_<system>.json`` and a table.
 
     .venv/bin/python benchmarks/bench_ranking.py [--work benchmarks/out/label_efficiency/work/Cu-...]
@@ -54,9 +66,11 @@ def main() -> None:
         s = dpdata.LabeledSystem(str(path), fmt="deepmd/npy")
         hot = s if hot is None else hot + s
     coords, cells = hot["coords"], hot["cells"]
+    init = None
     labels = hot["forces"]
     results = []
     for seed_dir in sorted(work.glob("seed*")):
+        init = dpdata.LabeledSystem(str(work / "data" / seed_dir.name / "init"), fmt="deepmd/npy")
         for rdir in sorted((seed_dir / "kpu-atom").glob("round*")):
             r = rdir.name
             graph = rdir / "rlekf" / "graph.pb"
@@ -65,8 +79,19 @@ def main() -> None:
                 continue
             engine = KPUEngine(graph, seed=0)
             result = engine.compute(hot, progress=False)
-            kpu = np.asarray(result.atom_kpu).max(axis=1)
             atype = engine.jacobian.types_for(hot["atom_names"], hot["atom_types"])
+            atom_kpu = np.asarray(result.atom_kpu)
+            kpu = atom_kpu.max(axis=1)
+            ref = engine.compute(init, progress=False)
+            ref_types = engine.jacobian.types_for(init["atom_names"], init["atom_types"])
+            ref_atom = np.asarray(ref.atom_kpu)
+            scale = np.ones(int(atype.max()) + 1)
+            for t in range(scale.size):
+                if np.any(ref_types == t):
+                    scale[t] = ref_atom[:, ref_types == t].mean()
+            per_species = (atom_kpu / scale[atype][None, :]).max(axis=1)
+            energy = np.asarray(result.energy_kpu)
+            combined = per_species + energy / np.asarray(ref.energy_kpu).mean()
             forces = np.array([engine.jacobian.predict(f)[1] for f in engine._frames(hot, None)[1]])
             engine.jacobian.close()
             committee = []
@@ -76,8 +101,12 @@ def main() -> None:
                 committee.append(f.reshape(labels.shape))
             committee = np.array(committee)
             deviation = np.sqrt(((committee - committee.mean(axis=0)) ** 2).sum(axis=-1).mean(axis=0)).max(axis=1)
+            error = _max_error(forces, labels)
             entry = {"seed": seed_dir.name, "round": int(r[5:]),
-                     "kpu_spearman": spearman(kpu, _max_error(forces, labels)),
+                     "kpu_spearman": spearman(kpu, error),
+                     "per_species_spearman": spearman(per_species, error),
+                     "energy_spearman": spearman(energy, error),
+                     "energy_force_spearman": spearman(combined, error),
                      "committee_spearman": spearman(deviation, _max_error(committee[0], labels)),
                      "rlekf_force_rmse": float(np.sqrt(((forces - labels) ** 2).mean())),
                      "adam0_force_rmse": float(np.sqrt(((committee[0] - labels) ** 2).mean()))}
@@ -86,11 +115,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"ranking_{work.name.split('-')[0]}.json").write_text(json.dumps(
         {"work": str(work), "frames": int(len(coords)), "results": results}, indent=1))
-    k = np.array([e["kpu_spearman"] for e in results])
-    c = np.array([e["committee_spearman"] for e in results])
     print("| uncertainty | Spearman with the max force error, median [min-max] | models |\n| --- | --- | ---: |")
-    print(f"| KPU, max per atom (one RLEKF model) | {np.median(k):.2f} [{k.min():.2f}-{k.max():.2f}] | {k.size} |")
-    print(f"| committee max deviation (four Adam models) | {np.median(c):.2f} [{c.min():.2f}-{c.max():.2f}] | {c.size} |")
+    for key, name in (("kpu", "KPU, max per atom (one RLEKF model)"),
+                      ("per_species", "KPU, max per atom over its species' training mean"),
+                      ("energy", "KPU of the energy"), ("energy_force", "energy + per-species force KPU"),
+                      ("committee", "committee max deviation (four Adam models)")):
+        v = np.array([e[f"{key}_spearman"] for e in results])
+        print(f"| {name} | {np.median(v):.2f} [{v.min():.2f}-{v.max():.2f}] | {v.size} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""RLEKF's initial plateau against the initial covariance p0 (P_0 = p0 I).
+"""RLEKF's initial plateau against the initial covariance p0 (P_0 = p0 I) and other settings.
 
 The model of bench_rlekf_vs_adam.py (Cu, se_e2_a 25/50/100, fitting 50/50/50, 91,751
 weights, blocksize 1024) is trained by the real ``dp train`` with RLEKF once per p0 on
@@ -13,6 +13,10 @@ force RMSE there.
 
     .venv/bin/python benchmarks/bench_rlekf_p0.py                     # p0 = 1, 100, 1e4, 1e6
     .venv/bin/python benchmarks/bench_rlekf_p0.py --p0 1 1e4 --steps 300 --hot-frames 40
+    .venv/bin/python benchmarks/bench_rlekf_p0.py --opt pref_f=32 --opt p0=1 --hot-frames 40
+
+``--opt KEY=VALUE[,KEY=VALUE]`` (repeatable) runs with those ``optimizer`` keys instead of one
+p0 each; a run's folder and table entry are named by its settings.
 """
 
 from __future__ import annotations
@@ -33,12 +37,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_rlekf_vs_adam import LOSS, MODEL  # noqa: E402
 
 
-def training_input(p0: float, steps: int, disp: int) -> dict:
+def training_input(settings: dict, steps: int, disp: int) -> dict:
     return {
         "model": copy.deepcopy(MODEL),
         "learning_rate": {"type": "exp", "start_lr": 1e-3, "stop_lr": 3e-8, "decay_steps": 5000},
         "loss": LOSS,
-        "optimizer": {"type": "RLEKF", "blocksize": 1024, "seed": 1, "p0": p0},
+        "optimizer": {"type": "RLEKF", "blocksize": 1024, "seed": 1, **settings},
         "training": {"training_data": {"systems": ["../data/train"], "batch_size": 1},
                      "validation_data": {"systems": ["../data/valid"], "batch_size": 1, "numb_btch": 10},
                      "numb_steps": steps, "disp_freq": disp, "save_freq": steps, "seed": 1},
@@ -68,10 +72,26 @@ def kpu_quality(run: Path, data: Path, nframes: int, env: dict, dp: str) -> dict
             "force_rmse": float(np.sqrt(np.mean((pred - system["forces"]) ** 2)))}
 
 
+INT_KEYS = ("blocksize", "force_updates", "atoms_per_update", "seed")
+
+
+def _parse_opt(text: str) -> dict:
+    settings = {}
+    for item in text.split(","):
+        key, _, value = (part.strip() for part in item.partition("="))
+        try:
+            settings[key] = int(value) if key in INT_KEYS else float(value)
+        except ValueError:
+            settings[key] = value
+    return settings
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--outdir", type=Path, default=REPO / "benchmarks" / "out" / "rlekf_p0")
     ap.add_argument("--p0", type=float, nargs="+", default=[1.0, 100.0, 1e4, 1e6])
+    ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="optimizer keys of one run (repeat for more runs; replaces --p0)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--disp", type=int, default=20)
     ap.add_argument("--hot-frames", type=int, default=0, help="1200 K frames for the KPU ranking (0: none)")
@@ -88,26 +108,31 @@ def main() -> None:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     dp = str(Path(sys.executable).parent / "dp")
     table = {"label_force_rms": rms, "steps": args.steps, "runs": {}}
-    for p0 in args.p0:
-        run = out / f"p0_{p0:g}"
+    variants = [_parse_opt(o) for o in args.opt] or [{"p0": p0} for p0 in args.p0]
+    for settings in variants:
+        name = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
+        key = f"{settings['p0']:g}" if list(settings) == ["p0"] else name
+        run = out / (f"p0_{key}" if list(settings) == ["p0"] else name.replace("=", "_").replace(",", "-"))
         run.mkdir(parents=True, exist_ok=True)
-        (run / "input.json").write_text(json.dumps(training_input(p0, args.steps, args.disp), indent=1))
+        (run / "input.json").write_text(json.dumps(training_input(settings, args.steps, args.disp), indent=1))
         with open(run / "train.log", "w") as log:
             subprocess.run([dp, "train", "input.json"], cwd=run, env=env, stdout=log,
                            stderr=subprocess.STDOUT, check=True)
         lc = np.loadtxt(run / "lcurve.out", ndmin=2)
         steps, f_val, e_val = lc[:, 0].astype(int), lc[:, 5], lc[:, 3]
         below = np.flatnonzero(f_val < 0.5 * rms)
-        table["runs"][f"{p0:g}"] = {
+        table["runs"][key] = {
+            "settings": settings,
             "step": steps.tolist(), "rmse_f_val": f_val.tolist(), "rmse_e_val": e_val.tolist(),
             "first_step_below_half_rms": int(steps[below[0]]) if below.size else None,
         }
         if args.hot_frames:
-            table["runs"][f"{p0:g}"]["hot_1200K"] = kpu_quality(run, data, args.hot_frames, env, dp)
-            print(f"p0 {p0:g}: 1200 K {table['runs'][f'{p0:g}']['hot_1200K']}", flush=True)
-        print(f"p0 {p0:g}: force RMSE {f_val[-1]:.3g} eV/A at step {steps[-1]}, below half the "
-              f"label RMS ({rms:.3g}) from step {table['runs'][f'{p0:g}']['first_step_below_half_rms']}",
+            table["runs"][key]["hot_1200K"] = kpu_quality(run, data, args.hot_frames, env, dp)
+            print(f"{key}: 1200 K {table['runs'][key]['hot_1200K']}", flush=True)
+        print(f"{key}: force RMSE {f_val[-1]:.3g} eV/A at step {steps[-1]}, below half the "
+              f"label RMS ({rms:.3g}) from step {table['runs'][key]['first_step_below_half_rms']}",
               flush=True)
+        (out / "p0_table.json").write_text(json.dumps(table, indent=1))
     (out / "p0_table.json").write_text(json.dumps(table, indent=1))
 
 

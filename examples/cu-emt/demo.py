@@ -5,6 +5,7 @@ a temperature ladder 300 -> 500 -> 800 -> 1200 -> 1400 K, one RLEKF model, KPU a
 uncertainty, ASE's EMT as the labeller, dpdispatcher's Shell machine as the cluster.
 
     python examples/cu-emt/demo.py [WORKDIR] [--rounds N] [--uncertainty kpu|committee]
+                                   [--committee-steps FIRST,REUSE]
 
 1. WORKDIR/data/init: 30 EMT-labelled MD frames at 300 K (the initial data);
    WORKDIR/confs/POSCAR: the starting structure; WORKDIR/validation/<T>K: 20
@@ -32,7 +33,7 @@ INIT = {"temperature": 300, "frames": 30, "seed": 1}
 VALIDATION_FRAMES = 20
 
 
-def demo_param(rounds: int | None, uncertainty: str) -> dict:
+def demo_param(rounds: int | None, uncertainty: str, committee_steps: str | None = None) -> dict:
     param = json.loads((HERE / "param.json").read_text())
     if rounds is not None:
         if not 1 <= rounds <= len(param["model_devi_jobs"]):
@@ -41,6 +42,15 @@ def demo_param(rounds: int | None, uncertainty: str) -> dict:
     param["uncertainty"] = uncertainty
     if uncertainty == "committee":
         param.pop("kpu", None)
+        if committee_steps:
+            try:
+                first, reuse = (int(x) for x in committee_steps.split(","))
+            except ValueError:
+                raise SystemExit(f"--committee-steps takes FIRST,REUSE (two integers), not {committee_steps!r}")
+            param["default_training_param"]["training"]["numb_steps"] = first
+            param["training_reuse_numb_steps"] = reuse
+    elif committee_steps:
+        raise SystemExit("--committee-steps applies to --uncertainty committee only")
     return param
 
 
@@ -87,12 +97,15 @@ def main(argv=None) -> int:
     parser.add_argument("workdir", nargs="?", default="demo-run")
     parser.add_argument("--rounds", type=int, help="only the first N exploration rounds of the ladder")
     parser.add_argument("--uncertainty", choices=("kpu", "committee"), default="kpu")
+    parser.add_argument("--committee-steps", metavar="FIRST,REUSE",
+                        help="Adam steps of the committee's first training and of each continued one "
+                        "(numb_steps and training_reuse_numb_steps; the param.json's are 4000,2000)")
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args(argv)
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    param = demo_param(args.rounds, args.uncertainty)
+    param = demo_param(args.rounds, args.uncertainty, args.committee_steps)
     write_inputs(work, param)
     prepare(work, param)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
