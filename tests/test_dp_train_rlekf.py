@@ -90,6 +90,28 @@ def test_rlekf_trains_to_a_small_force_error(cu_data, tmp_path):
     assert find_kalman_state(other / "graph.000.pb") == tmp_path / "model.ckpt-300.kalman.npz"
 
 
+def test_force_normaliser_none_scales_the_force_measurement_by_n(cu_data, tmp_path):
+    """With "force_normaliser": "none" a force update's innovation and gradient are N times
+    those of "natoms" (the same first energy update, the same atoms drawn)."""
+    first = {}
+    for mode in ("natoms", "none"):
+        trace = tmp_path / f"{mode}.jsonl"
+        run_dp(tmp_path / mode, "train", "input.json",
+               input_data=make_input(cu_data, **{"training/numb_steps": 1, "training/disp_freq": 1,
+                                                 "training/save_freq": 1,
+                                                 "optimizer/force_normaliser": mode}),
+               env={"ALKPU_RLEKF_TRACE": str(trace)})
+        first[mode] = [json.loads(line) for line in trace.read_text().splitlines()][:2]
+    natoms = 32
+    (e_a, f_a), (e_b, f_b) = first["natoms"], first["none"]
+    assert (e_a["kind"], f_a["kind"]) == ("energy", "force")
+    assert e_b["innovation"] == pytest.approx(e_a["innovation"], rel=1e-12)
+    assert e_b["delta_norm"] == pytest.approx(e_a["delta_norm"], rel=1e-12)
+    assert f_b["innovation"] == pytest.approx(natoms * f_a["innovation"], rel=1e-9)
+    assert f_b["H_norm"] == pytest.approx(natoms * f_a["H_norm"], rel=1e-9)
+    assert f_b["hph"] == pytest.approx(natoms**2 * f_a["hph"], rel=1e-9)
+
+
 DISABLE_PLUGIN = """
 import importlib.metadata as md, sys
 _orig = md.entry_points

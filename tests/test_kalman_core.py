@@ -286,5 +286,6 @@ def test_sign_trick_scalar_measurement():
     y2 = np.vstack([y, y])
     assert rlekf.innovation(y2, np.vstack([yhat, yhat]), 2.0, 4.0) == pytest.approx(np.sqrt(2) * 1.0 / 4.0)
     assert rlekf.force_normalisers(32, 6) == (32.0, 576.0)
+    assert rlekf.force_normalisers(32, 6, per_natoms=False) == (1.0, 18.0)
     g = rlekf.draw_force_groups(np.random.default_rng(0), 32, 4, 6)
     assert g.shape == (4, 6) and len(set(g.ravel())) == 24

@@ -30,6 +30,9 @@ DOC = (
 )
 
 
+FORCE_NORMALISERS = ("natoms", "none")
+
+
 @dataclass(frozen=True)
 class RLEKFSettings:
     """The optimizer's keys; defaults follow ALGORITHMS.md ([code] values)."""
@@ -42,6 +45,7 @@ class RLEKFSettings:
     atoms_per_update: int = 6
     pref_e: float = 1.0
     pref_f: float = 2.0
+    force_normaliser: str = "natoms"
     seed: int | None = None
     p_dtype: str = "float64"
     reset_state: bool = False
@@ -115,6 +119,15 @@ def rlekf_arguments() -> list[Argument]:
             "pref_f", float, optional=True, default=d.pref_f,
             extra_check=_positive, extra_check_errmsg="pref_f must be positive",
             doc="Prefactor of the force measurement.",
+        ),
+        Argument(
+            "force_normaliser", str, optional=True, default=d.force_normaliser,
+            extra_check=lambda x: x in FORCE_NORMALISERS,
+            extra_check_errmsg='force_normaliser must be "natoms" or "none"',
+            doc='What a force update\'s error and measurement are divided by besides 3 n_g: '
+            '"natoms", the number of atoms N of the frame (DeePMD-kit\'s LKF and the paper\'s code), '
+            'or "none". The weight of a force update against the filter\'s noise term scales as '
+            '1/N^2 with "natoms": large frames learn forces late.',
         ),
         Argument(
             "seed", [int, None], optional=True, default=d.seed,

@@ -227,7 +227,8 @@ class RLEKFTrainer(DPTrainer):
             s_e = tf.stop_gradient(_sign(energy_label - energy))
             self.kf_energy = energy
             self.kf_energy_H = flat_grad(tf.reduce_sum(s_e * pe * energy) / natoms)
-            # force measurement over the atoms in kf_atoms: z = sum s p F / (3 n_g N)
+            # force measurement over the atoms in kf_atoms: z = sum s p F / c_g, c_g = 3 n_g N
+            # (force_normaliser "natoms") or 3 n_g ("none")
             ng = self.rlekf.atoms_per_update
             self.kf_atoms = tf.placeholder(tf.int32, [None, ng], name="atoms")
             force = tf.reshape(tf.cast(pred["force"], f64), [nframes, -1, 3])
@@ -238,7 +239,9 @@ class RLEKFTrainer(DPTrainer):
             s_f = tf.stop_gradient(_sign(f_lab - f_sel))
             self.kf_force = f_sel
             self.kf_force_label = f_lab
-            self.kf_force_H = flat_grad(tf.reduce_sum(s_f * pf * f_sel) / (3.0 * ng * natoms))
+            per_natoms = self.rlekf.force_normaliser == "natoms"
+            c_g = 3.0 * ng * natoms if per_natoms else tf.constant(3.0 * ng, f64)
+            self.kf_force_H = flat_grad(tf.reduce_sum(s_f * pf * f_sel) / c_g)
             # w += delta (flat, float64)
             self.kf_delta = tf.placeholder(f64, [self.kf_layout.n], name="delta")
             pieces = tf.split(self.kf_delta, list(self.kf_layout.sizes))
@@ -492,7 +495,7 @@ class RLEKFTrainer(DPTrainer):
             ],
             axis=1,
         )  # (N_f, B, n_g)
-        c, _ = rlekf.force_normalisers(natoms, s.atoms_per_update)
+        c, _ = rlekf.force_normalisers(natoms, s.atoms_per_update, s.force_normaliser == "natoms")
         for u, atoms in enumerate(groups):
             feed[self.kf_atoms] = atoms
             self._update(

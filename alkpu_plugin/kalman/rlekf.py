@@ -48,9 +48,11 @@ def energy_normalisers(natoms: int) -> tuple[float, float]:
     return float(natoms), float(natoms)
 
 
-def force_normalisers(natoms: int, atoms_per_update: int) -> tuple[float, float]:
-    """(c, c_g) of a force update over ``atoms_per_update`` atoms."""
-    return float(natoms), float(3 * atoms_per_update * natoms)
+def force_normalisers(natoms: int, atoms_per_update: int, per_natoms: bool = True) -> tuple[float, float]:
+    """(c, c_g) of a force update over ``atoms_per_update`` atoms: (N, 3 n_g N), or (1, 3 n_g)
+    when the force error is not divided by the number of atoms N (``per_natoms`` false)."""
+    n = float(natoms) if per_natoms else 1.0
+    return n, float(3 * atoms_per_update) * n
 
 
 def draw_force_groups(
