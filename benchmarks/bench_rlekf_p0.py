@@ -14,6 +14,8 @@ force RMSE there.
     .venv/bin/python benchmarks/bench_rlekf_p0.py                     # p0 = 1, 100, 1e4, 1e6
     .venv/bin/python benchmarks/bench_rlekf_p0.py --p0 1 1e4 --steps 300 --hot-frames 40
     .venv/bin/python benchmarks/bench_rlekf_p0.py --opt pref_f=32 --opt p0=1 --hot-frames 40
+    .venv/bin/python benchmarks/bench_rlekf_p0.py --system CuNi --size 3 --outdir benchmarks/out/rlekf_cuni108 \
+        --opt force_normaliser=natoms --opt force_normaliser=none --steps 300 --hot-frames 20
 
 ``--opt KEY=VALUE[,KEY=VALUE]`` (repeatable) runs with those ``optimizer`` keys instead of one
 p0 each; a run's folder and table entry are named by its settings.
@@ -37,9 +39,27 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_rlekf_vs_adam import LOSS, MODEL  # noqa: E402
 
 
-def training_input(settings: dict, steps: int, disp: int) -> dict:
+SYSTEMS = {
+    # the frames' keyword arguments for alkpu_plugin.reference.md_frames, and the model's types
+    "Cu": {"frames": {"element": "Cu", "a": 3.61}, "type_map": ["Cu"]},
+    "CuNi": {"frames": {"element": "Cu", "a": 3.56, "substitute": {"Ni": 0.5}}, "type_map": ["Cu", "Ni"]},
+}
+
+
+def model_for(system: str) -> dict:
+    """The Cu model of bench_rlekf_vs_adam.py; for two species the same nets per type."""
+    model = copy.deepcopy(MODEL)
+    types = SYSTEMS[system]["type_map"]
+    model["type_map"] = types
+    total = model["descriptor"]["sel"][0]
+    # a random alloy holds more than its share of one type around some atoms: 2/3 of the total each
+    model["descriptor"]["sel"] = [total if len(types) == 1 else -(-2 * total // 3)] * len(types)
+    return model
+
+
+def training_input(settings: dict, steps: int, disp: int, system: str = "Cu") -> dict:
     return {
-        "model": copy.deepcopy(MODEL),
+        "model": model_for(system),
         "learning_rate": {"type": "exp", "start_lr": 1e-3, "stop_lr": 3e-8, "decay_steps": 5000},
         "loss": LOSS,
         "optimizer": {"type": "RLEKF", "blocksize": 1024, "seed": 1, **settings},
@@ -49,7 +69,7 @@ def training_input(settings: dict, steps: int, disp: int) -> dict:
     }
 
 
-def kpu_quality(run: Path, data: Path, nframes: int, env: dict, dp: str) -> dict:
+def kpu_quality(run: Path, data: Path, nframes: int, env: dict, dp: str, frames_kw: dict) -> dict:
     """Spearman(max per-atom KPU, max atomic force error) and force RMSE on hot frames."""
     import dpdata
     from scipy.stats import spearmanr
@@ -59,7 +79,7 @@ def kpu_quality(run: Path, data: Path, nframes: int, env: dict, dp: str) -> dict
 
     hot = data / "hot1200"
     if not hot.exists():
-        md_frames(1200, nframes, seed=13, interval=20).to("deepmd/npy", str(hot))
+        md_frames(1200, nframes, seed=13, interval=20, **frames_kw).to("deepmd/npy", str(hot))
     subprocess.run([dp, "freeze", "-o", "graph.pb"], cwd=run, env=env, check=True, capture_output=True)
     engine = KPUEngine(run / "graph.pb", seed=0, virial=False)
     system = dpdata.LabeledSystem(str(hot), fmt="deepmd/npy")
@@ -95,14 +115,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--disp", type=int, default=20)
     ap.add_argument("--hot-frames", type=int, default=0, help="1200 K frames for the KPU ranking (0: none)")
+    ap.add_argument("--system", choices=sorted(SYSTEMS), default="Cu",
+                    help="Cu, or CuNi: fcc with half of the sites Ni (two species)")
+    ap.add_argument("--size", type=int, default=2, help="fcc cell repeats per side (2: 32 atoms, 3: 108)")
     args = ap.parse_args()
     from alkpu_plugin.reference import md_frames
 
     out = args.outdir
     data = out / "data"
+    frames_kw = {**SYSTEMS[args.system]["frames"], "size": args.size,
+                 "type_map": SYSTEMS[args.system]["type_map"]}
     if not (data / "valid").exists():
-        md_frames(300, 200, seed=11).to("deepmd/npy", str(data / "train"))
-        md_frames(300, 30, seed=12).to("deepmd/npy", str(data / "valid"))
+        md_frames(300, 200, seed=11, **frames_kw).to("deepmd/npy", str(data / "train"))
+        md_frames(300, 30, seed=12, **frames_kw).to("deepmd/npy", str(data / "valid"))
     valid = np.concatenate([np.load(f).ravel() for f in sorted((data / "valid").glob("set.*/force.npy"))])
     rms = float(np.sqrt(np.mean(valid**2)))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -114,7 +139,7 @@ def main() -> None:
         key = f"{settings['p0']:g}" if list(settings) == ["p0"] else name
         run = out / (f"p0_{key}" if list(settings) == ["p0"] else name.replace("=", "_").replace(",", "-"))
         run.mkdir(parents=True, exist_ok=True)
-        (run / "input.json").write_text(json.dumps(training_input(settings, args.steps, args.disp), indent=1))
+        (run / "input.json").write_text(json.dumps(training_input(settings, args.steps, args.disp, args.system), indent=1))
         with open(run / "train.log", "w") as log:
             subprocess.run([dp, "train", "input.json"], cwd=run, env=env, stdout=log,
                            stderr=subprocess.STDOUT, check=True)
@@ -127,7 +152,7 @@ def main() -> None:
             "first_step_below_half_rms": int(steps[below[0]]) if below.size else None,
         }
         if args.hot_frames:
-            table["runs"][key]["hot_1200K"] = kpu_quality(run, data, args.hot_frames, env, dp)
+            table["runs"][key]["hot_1200K"] = kpu_quality(run, data, args.hot_frames, env, dp, frames_kw)
             print(f"{key}: 1200 K {table['runs'][key]['hot_1200K']}", flush=True)
         print(f"{key}: force RMSE {f_val[-1]:.3g} eV/A at step {steps[-1]}, below half the "
               f"label RMS ({rms:.3g}) from step {table['runs'][key]['first_step_below_half_rms']}",
