@@ -139,7 +139,7 @@ class KPUResult:
 
         DP-GEN compares the committee's virial deviation divided by the number of
         atoms with its virial trust levels; this is the same scale. Without a virial
-        fit (:mod:`alkpu_plugin.calibration`) the force scale ``a`` is used, and
+        fit (:mod:`alkpu_plugin.calibration`) the force line's scale ``a`` is used, and
         without any calibration sqrt(kpu_ab) / N.
         """
         if self.virial_kpu is None:
@@ -147,7 +147,8 @@ class KPUResult:
         a, b = 1.0, 0.0
         if self.calibration:
             vir = self.calibration.get("virial") or {}
-            a, b = vir.get("a", self.calibration["a"]), vir.get("b", 0.0)
+            line = self.calibration.get("line") or self.calibration  # a power law keeps its line
+            a, b = vir.get("a", line["a"]), vir.get("b", 0.0)
         return np.sqrt(np.maximum(a * np.asarray(self.virial_kpu) + b, 0.0)) / self.natoms
 
     def save(self, path: str | os.PathLike) -> Path:

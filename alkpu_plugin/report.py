@@ -694,10 +694,11 @@ def _sections(data: dict) -> list[dict]:
              "labelled are the candidates sent to the labeller (at most fp_task_max per round).")
     cal = [r for r in data["rounds"] if r["calibration"]]
     if cal:
-        rows = [[fmt(r["iteration"]), fmt(r["calibration"].get("a")), fmt(r["calibration"].get("b")),
-                 fmt(r["calibration"].get("n_atoms")), str(r["calibration"].get("fitted_on", "–"))] for r in cal]
-        add("calibration", "KPU calibration |ΔF_i|² = a·KPU_i + b (eV²/Å²)",
-            ["iteration", "a", "b", "atoms", "fitted on"], rows, "calibration", folded=True,
+        rows = [[fmt(r["iteration"]), fmt(r["calibration"].get("a")), fmt(r["calibration"].get("p", 1.0)),
+                 fmt(r["calibration"].get("b")), fmt(r["calibration"].get("n_atoms")),
+                 str(r["calibration"].get("fitted_on", "–"))] for r in cal]
+        add("calibration", "KPU calibration |ΔF_i|² = a·KPU_i^p + b (eV²/Å²)",
+            ["iteration", "a", "p", "b", "atoms", "fitted on"], rows, "calibration", folded=True,
             text="Points on the dotted line: the calibrated uncertainty predicts the observed error; "
                  "above it, the model is worse than its uncertainty says.")
     unit = f" ({sel['unit']})" if sel["unit"] else ""

@@ -38,7 +38,13 @@ def test_one_kpu_iteration_killed_and_resumed(finished_run):
     from alkpu_plugin.deepmd_tf.frozen import find_kalman_state
 
     assert find_kalman_state(it0 / "00.train" / "graph.000.pb", state)  # digest matches the model
-    assert (it0 / "00.train" / "kalman.000.calibration.json").is_file()
+    # the calibration: a power law fitted on training frames, its line beside it (or the line alone
+    # when the exponent is out of range), and the per-atom sigma of the exploration made from it
+    cal = json.loads((it0 / "00.train" / "kalman.000.calibration.json").read_text())
+    if "p" in cal:
+        assert 0.5 <= cal["p"] <= 3.0 and cal["line"]["a"] > 0 and cal["n_atoms"] == cal["line"]["n_atoms"]
+    else:
+        assert cal["model"] == "|dF_i|^2 = a * KPU_i + b"
     # exploration: LAMMPS with one model, model_devi.out written from KPU
     task = it0 / "01.model_devi" / "task.000.000000"
     table = np.loadtxt(task / "model_devi.out", ndmin=2)
@@ -48,6 +54,8 @@ def test_one_kpu_iteration_killed_and_resumed(finished_run):
 
     detail = KPUResult.load(task / "kpu.npz")
     np.testing.assert_allclose(table[:, 4], detail.atom_sigma.max(axis=1), rtol=1e-6)
+    sigma = np.sqrt(cal["a"] * detail.atom_kpu ** cal.get("p", 1.0) + cal["b"])
+    np.testing.assert_allclose(detail.atom_sigma, sigma, rtol=1e-9)
     # virial columns: the calibrated virial uncertainty per atom (EMT labels carry virials)
     assert "virial" in detail.calibration
     np.testing.assert_allclose(table[:, 1], detail.virial_sigma.max(axis=1), rtol=1e-6)

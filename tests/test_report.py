@@ -189,8 +189,8 @@ def test_calibration_deciles_as_saved_by_the_run(report):
         assert cal["a"] == saved["a"] and cal["b"] == saved["b"] and cal["n_atoms"] == saved["n_atoms"]
         assert cal["deciles"] == saved["deciles"] and len(cal["deciles"]) == 10
         assert sum(d["atoms"] for d in cal["deciles"]) == cal["n_atoms"]
-        assert_rows_on_pages(md, page, [[fmt(r["iteration"]), fmt(cal["a"]), fmt(cal["b"]), fmt(cal["n_atoms"]),
-                                         cal["fitted_on"]]])
+        assert_rows_on_pages(md, page, [[fmt(r["iteration"]), fmt(cal["a"]), fmt(cal.get("p", 1.0)), fmt(cal["b"]),
+                                         fmt(cal["n_atoms"]), cal["fitted_on"]]])
         assert_rows_on_pages(md, page, [
             [fmt(r["iteration"]), fmt(d["decile"]), fmt(d["atoms"]), fmt(d["kpu_min"]), fmt(d["kpu_max"]),
              fmt(d["observed_rms_error"]), fmt(d["predicted_rms_error"])] for d in cal["deciles"]])

@@ -127,6 +127,7 @@ class DiverseChooser:
 
     def _noise(self, K: np.ndarray) -> tuple[float, str]:
         cal = self.engine.calibration or {}
+        cal = cal.get("line") or cal  # a power-law calibration keeps the line's noise floor
         a, b = float(cal.get("a", 0.0) or 0.0), float(cal.get("b", 0.0) or 0.0)
         if a > 0 and b > 0:
             return b / (3 * a), "calibration b / (3 a)"
