@@ -79,7 +79,8 @@ def test_a_failed_write_keeps_the_old_file_or_directory(tmp_path):
 
 # every way of writing a file, and the writes that may use it: the atomic helpers themselves,
 # writes into a file object they hand out (fh), a temporary file only the process reads, and
-# DeePMD-kit's lcurve.out, which its trainer appends to line by line as DeePMD-kit does
+# DeePMD-kit's lcurve.out, which its trainer appends to line by line as DeePMD-kit does, and the
+# RLEKF per-update trace a user asks for with ALKPU_RLEKF_TRACE, appended the same way
 WRITES = re.compile(r"open\([^)]*[\"'][wa]b?[\"']|\.write_text\(|\.write_bytes\(|np\.save\(|np\.savez(_compressed)?\(|"
                     r"json\.dump\(|\.savefig\(|\.symlink_to\(|\.to\(\s*([\"'](deepmd|vasp|lammps)|\w+\.output_fmt)")
 ALLOWED = {
@@ -94,6 +95,7 @@ ALLOWED = {
     ("dpgen/driver.py", "json.dump(dpgen_jdata, fh, indent=4)"),
     ("deepmd_tf/trainer.py", "tmp.symlink_to(state.name)"),  # then os.replace onto the link
     ("deepmd_tf/trainer.py", 'fp = open(self.disp_file, "a") if self.run_opt.is_chief else None'),
+    ("deepmd_tf/trainer.py", 'with open(trace, "a") as fh:'),  # ALKPU_RLEKF_TRACE, a line per update
 }
 
 
