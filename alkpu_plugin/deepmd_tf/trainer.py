@@ -240,7 +240,7 @@ class RLEKFTrainer(DPTrainer):
             self.kf_force = f_sel
             self.kf_force_label = f_lab
             per_natoms = self.rlekf.force_normaliser == "natoms"
-            c_g = 3.0 * ng * natoms if per_natoms else tf.constant(3.0 * ng, f64)
+            c_g = 3.0 * ng * natoms if per_natoms else 3.0 * ng
             self.kf_force_H = flat_grad(tf.reduce_sum(s_f * pf * f_sel) / c_g)
             # w += delta (flat, float64)
             self.kf_delta = tf.placeholder(f64, [self.kf_layout.n], name="delta")
@@ -341,6 +341,7 @@ class RLEKFTrainer(DPTrainer):
         kf, extra = self._open_filter()  # before anything is written
         self.kf = kf
         self.kf_sampler = BatchSampler(train_data, self.rlekf.seed)
+        self.kf_trace = os.environ.get("ALKPU_RLEKF_TRACE")  # a file for the per-update trace (_update)
         # the range of the training cells' densities, kept with the state for KPU's domain check:
         # a restart continues the same training, whose data the saved domain already holds
         this_data = training_domain((int(sys.natoms), f.get("box"), not sys.pbc)
@@ -519,7 +520,7 @@ class RLEKFTrainer(DPTrainer):
         lam = self.kf.lam
         delta = self.kf.update(H, nu)
         tac = time.perf_counter()
-        trace = os.environ.get("ALKPU_RLEKF_TRACE")
+        trace = self.kf_trace
         if trace:
             row = {"step": int(self.cur_batch), "update": int(self.kf.nupdates), "kind": kind,
                    "innovation": nu, "lambda": lam, "H_norm": float(np.linalg.norm(H)),

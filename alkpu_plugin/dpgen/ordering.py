@@ -45,7 +45,6 @@ class TopChooser:
         self.ii = ii
         self.jdata = jdata
         self.fp_dir = Path(fp_dir)
-        self.records: dict[str, dict] = {}
 
     def order(self, candidates: list) -> None:
         if not candidates:
@@ -53,23 +52,21 @@ class TopChooser:
         system = Path(candidates[0][0]).name.split(".")[1]
         k = int(self.jdata.get("fp_task_max", len(candidates)))
         values = {task: _task_values(task) for task in sorted({c[0] for c in candidates})}
+        # the sort is stable: equal values keep DP-GEN's shuffled order
+        candidates.sort(key=lambda c: -values[c[0]][int(c[1])])
         value = [values[c[0]][int(c[1])] for c in candidates]
-        # sorted() is stable: equal values keep DP-GEN's shuffled order
-        ranked = sorted(range(len(candidates)), key=lambda i: -value[i])
-        candidates[:] = [candidates[i] for i in ranked]
-        chosen = ranked[:k]
-        self.records[system] = record = {
+        record = {
             "system": system,
             "candidates": len(candidates),
             "fp_task_max": k,
-            "chosen": [[str(candidates[n][0]), int(candidates[n][1])] for n in range(len(chosen))],
-            "values": [value[i] for i in chosen],
-            "smallest_candidate_value": float(min(value)),
+            "chosen": [[str(c[0]), int(c[1])] for c in candidates[:k]],
+            "values": value[:k],
+            "smallest_candidate_value": value[-1],
         }
         self.fp_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.fp_dir / TOP_RECORD.format(system=system), json.dumps(record, indent=1))
         log.info("ALKPU iter.%06d system %s: the %d most uncertain of %d candidates labelled "
-                 "(values %.3g to %.3g)", self.ii, system, len(chosen), len(candidates),
+                 "(values %.3g to %.3g)", self.ii, system, len(record["chosen"]), len(candidates),
                  record["values"][0], record["values"][-1])
 
     def close(self) -> None:
