@@ -167,7 +167,7 @@ def cmd_calibrate(args) -> int:
                        memory_limit=args.memory_limit, density_factor=args.density_factor)
     system = dpdata.LabeledSystem(args.system, fmt=fmt)
     _with_progress_lines(engine, "alkpu calibrate")
-    cal, kpu, sq = calibrate(engine, system, frames=_frames_arg(args.frames))
+    cal, kpu, sq = calibrate(engine, system, frames=_frames_arg(args.frames), form=args.form)
     path = save_calibration(engine.state_path, cal)
     report = {"calibration": cal, "saved": str(path)}
     if args.holdout:
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dpdata format of --system and --holdout (default: recognised, else deepmd/npy)")
     p.add_argument("--holdout", help="labelled frames for the per-decile check")
     p.add_argument("--frames", help="only frames START:STOP of --system")
+    p.add_argument("--form", choices=("power", "line"), default="power",  # calibration.FORMS
+                   help="|dF|^2 = a KPU^p (power, the default, as `alkpu run` fits; the line where the "
+                   "exponent leaves 0.5-3) or a KPU + b (line, Theorem 4.3)")
     p.add_argument("--rows-per-pass", type=int, default=None, help="as in `alkpu kpu`")
     p.add_argument("--memory-limit", type=float, default=None, help="as in `alkpu kpu`")
     p.add_argument("--density-factor", type=float, default=None, help="as in `alkpu kpu`")

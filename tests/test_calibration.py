@@ -58,3 +58,24 @@ def test_bad_inputs_are_refused():
         cal.fit_power(np.zeros(100), np.ones(100))
     with pytest.raises(ValueError, match="coverage"):
         cal.conformal_quantile(np.ones(10), np.ones(10), {"a": 1.0}, 1.5)
+
+
+def test_default_form_is_the_power_law_with_the_line_beside_it():
+    kpu, sq = _atoms(lambda k: 2e-3 * k ** 1.4, seed=5)
+    out = cal.fit_forces(kpu, sq)
+    assert out["p"] == pytest.approx(1.4, abs=0.03) and "fallback" not in out
+    assert out["line"] == cal.fit(kpu, sq)
+    assert cal.fit_forces(kpu, sq, "line") == cal.fit(kpu, sq)
+    with pytest.raises(ValueError, match="unknown calibration form 'cubic'"):
+        cal.fit_forces(kpu, sq, "cubic")
+
+
+@pytest.mark.parametrize("law, n, why", [
+    (lambda k: 1e-3 * k ** 4, 40_000, "exponent 4"),      # outside 0.5-3: taken as a failed fit
+    (lambda k: 1e-3 * k, 10, "at least 16"),               # too few atoms for the bins
+])
+def test_the_line_replaces_a_power_law_that_failed(law, n, why):
+    kpu, sq = _atoms(law, n=n, seed=7)
+    out = cal.fit_forces(kpu, sq)
+    assert "p" not in out and why in out["fallback"]
+    assert out["a"] == cal.fit(kpu, sq)["a"]

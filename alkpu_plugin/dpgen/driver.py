@@ -463,17 +463,13 @@ def _kpu_train(ii: int, jdata: dict, train_dir: Path, kpu: dict) -> None:
     log.info("ALKPU KPU_train = %.6g (mean force KPU of %d training frames)", value, len(values))
 
 
-POWER_BINS = 8  # KPU bins of the power-law fit (768 atoms: 96 a bin)
-POWER_RANGE = (0.5, 3.0)  # exponents outside it are taken as a failed fit
-
-
 def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int = 24) -> None:
     """Fit the KPU scale on training frames drawn at random from all systems: as many as hold
     ``kpu/calibration_atoms`` atoms (at most ``max_frames``), so that the cost follows the
     atoms the fit needs, not the frame size."""
     import numpy as np
 
-    from ..calibration import deciles, fit, fit_power, fit_virial, force_errors, save_calibration, virial_errors
+    from ..calibration import deciles, fit_forces, fit_virial, force_errors, save_calibration, virial_errors
     from ..kpu_engine import KPUEngine
 
     engine = KPUEngine(train_dir / "graph.000.pb", train_dir / STATE_LINK, seed=int(kpu.get("seed", 0)),
@@ -498,21 +494,9 @@ def _calibrate(ii: int, jdata: dict, train_dir: Path, kpu: dict, max_frames: int
             vkpus.append(virial[0].ravel())
             verrs.append(virial[1].ravel())
     kpus, errs = np.concatenate(kpus), np.concatenate(errs)
-    # the power law |dF|^2 = a KPU^p: on the hotter rung of the label-efficiency benchmark it
-    # predicted the top KPU decile's error where the line fell 20 % short (docs/benchmarks.md);
-    # the line is kept beside it (the diverse selection's noise floor b / 3a, the virial fallback)
-    line = fit(kpus, errs)
-    try:
-        cal = fit_power(kpus, errs, bins=POWER_BINS)
-    except ValueError:
-        cal = line
-    else:
-        if not POWER_RANGE[0] <= cal["p"] <= POWER_RANGE[1]:
-            log.info("ALKPU calibration: power law exponent %.3g outside %s; the line is used",
-                     cal["p"], POWER_RANGE)
-            cal = line
-        else:
-            cal["line"] = line
+    cal = fit_forces(kpus, errs)
+    if "fallback" in cal:
+        log.info("ALKPU calibration: %s", cal["fallback"])
     if vkpus:  # systems without virial labels take the force scale
         cal["virial"] = fit_virial(np.concatenate(vkpus), np.concatenate(verrs))
     cal["fitted_on"] = "training data (in-sample)"
