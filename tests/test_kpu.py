@@ -263,9 +263,13 @@ def test_calibration_gives_ev_per_angstrom(engine, trained_model, cu_data, hot_a
     assert cal["a"] > 0 and cal["b"] >= 0 and cal["n_atoms"] == 320
     # the fit reproduces the mean squared error on its own data (least squares)
     assert np.mean(cal["a"] * kpu + cal["b"]) == pytest.approx(sq.mean(), rel=1e-6)
-    # the default form, as `alkpu run` fits it: the power law on the same atoms, its line beside it
+    # the default form, as `alkpu run` fits it: the power law on the same atoms with the line
+    # beside it, or (this briefly trained model gives p = 0.4) the line, saying why
     power, _, _ = calibrate(engine, train)
-    assert 0.5 <= power["p"] <= 3.0 and (power["line"]["a"], power["line"]["b"]) == (cal["a"], cal["b"])
+    if "p" in power:
+        assert 0.5 <= power["p"] <= 3.0 and (power["line"]["a"], power["line"]["b"]) == (cal["a"], cal["b"])
+    else:
+        assert "outside 0.5-3.0" in power["fallback"] and (power["a"], power["b"]) == (cal["a"], cal["b"])
     rows = deciles(kpu, sq, cal)
     assert len(rows) == 10 and all(r["observed_rms_error"] > 0 for r in rows)
     path = save_calibration(engine.state_path, cal)
