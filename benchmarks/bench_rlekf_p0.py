@@ -24,7 +24,6 @@ p0 each; a run's folder and table entry are named by its settings.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -36,25 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_rlekf_vs_adam import LOSS, MODEL  # noqa: E402
-
-
-SYSTEMS = {
-    # the frames' keyword arguments for alkpu_plugin.reference.md_frames, and the model's types
-    "Cu": {"frames": {"element": "Cu", "a": 3.61}, "type_map": ["Cu"]},
-    "CuNi": {"frames": {"element": "Cu", "a": 3.56, "substitute": {"Ni": 0.5}}, "type_map": ["Cu", "Ni"]},
-}
-
-
-def model_for(system: str) -> dict:
-    """The Cu model of bench_rlekf_vs_adam.py; for two species the same nets per type."""
-    model = copy.deepcopy(MODEL)
-    types = SYSTEMS[system]["type_map"]
-    model["type_map"] = types
-    total = model["descriptor"]["sel"][0]
-    # a random alloy holds more than its share of one type around some atoms: 2/3 of the total each
-    model["descriptor"]["sel"] = [total if len(types) == 1 else -(-2 * total // 3)] * len(types)
-    return model
+from bench_rlekf_vs_adam import LOSS, SYSTEMS, frames_kw, kpu_quality, model_for, opt_name, parse_opt  # noqa: E402
 
 
 def training_input(settings: dict, steps: int, disp: int, system: str = "Cu") -> dict:
@@ -67,43 +48,6 @@ def training_input(settings: dict, steps: int, disp: int, system: str = "Cu") ->
                      "validation_data": {"systems": ["../data/valid"], "batch_size": 1, "numb_btch": 10},
                      "numb_steps": steps, "disp_freq": disp, "save_freq": steps, "seed": 1},
     }
-
-
-def kpu_quality(run: Path, data: Path, nframes: int, env: dict, dp: str, frames_kw: dict) -> dict:
-    """Spearman(max per-atom KPU, max atomic force error) and force RMSE on hot frames."""
-    import dpdata
-    from scipy.stats import spearmanr
-
-    from alkpu_plugin.kpu_engine import KPUEngine
-    from alkpu_plugin.reference import md_frames
-
-    hot = data / "hot1200"
-    if not hot.exists():
-        md_frames(1200, nframes, seed=13, interval=20, **frames_kw).to("deepmd/npy", str(hot))
-    subprocess.run([dp, "freeze", "-o", "graph.pb"], cwd=run, env=env, check=True, capture_output=True)
-    engine = KPUEngine(run / "graph.pb", seed=0, virial=False)
-    system = dpdata.LabeledSystem(str(hot), fmt="deepmd/npy")
-    res = engine.compute(system, progress=False)
-    _, frames = engine._frames(system, res.frames)
-    pred = np.array([engine.jacobian.predict(f)[1] for f in frames])
-    err = np.linalg.norm(pred - system["forces"], axis=2)
-    return {"frames": int(system.get_nframes()),
-            "spearman_max_atom_kpu_vs_max_error": float(spearmanr(res.atom_kpu.max(axis=1), err.max(axis=1)).statistic),
-            "force_rmse": float(np.sqrt(np.mean((pred - system["forces"]) ** 2)))}
-
-
-INT_KEYS = ("blocksize", "force_updates", "atoms_per_update", "seed")
-
-
-def _parse_opt(text: str) -> dict:
-    settings = {}
-    for item in text.split(","):
-        key, _, value = (part.strip() for part in item.partition("="))
-        try:
-            settings[key] = int(value) if key in INT_KEYS else float(value)
-        except ValueError:
-            settings[key] = value
-    return settings
 
 
 def main() -> None:
@@ -123,19 +67,18 @@ def main() -> None:
 
     out = args.outdir
     data = out / "data"
-    frames_kw = {**SYSTEMS[args.system]["frames"], "size": args.size,
-                 "type_map": SYSTEMS[args.system]["type_map"]}
+    kw = frames_kw(args.system, args.size)
     if not (data / "valid").exists():
-        md_frames(300, 200, seed=11, **frames_kw).to("deepmd/npy", str(data / "train"))
-        md_frames(300, 30, seed=12, **frames_kw).to("deepmd/npy", str(data / "valid"))
+        md_frames(300, 200, seed=11, **kw).to("deepmd/npy", str(data / "train"))
+        md_frames(300, 30, seed=12, **kw).to("deepmd/npy", str(data / "valid"))
     valid = np.concatenate([np.load(f).ravel() for f in sorted((data / "valid").glob("set.*/force.npy"))])
     rms = float(np.sqrt(np.mean(valid**2)))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     dp = str(Path(sys.executable).parent / "dp")
     table = {"label_force_rms": rms, "steps": args.steps, "runs": {}}
-    variants = [_parse_opt(o) for o in args.opt] or [{"p0": p0} for p0 in args.p0]
+    variants = [parse_opt(o) for o in args.opt] or [{"p0": p0} for p0 in args.p0]
     for settings in variants:
-        name = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
+        name = opt_name(settings)
         key = f"{settings['p0']:g}" if list(settings) == ["p0"] else name
         run = out / (f"p0_{key}" if list(settings) == ["p0"] else name.replace("=", "_").replace(",", "-"))
         run.mkdir(parents=True, exist_ok=True)
@@ -152,7 +95,7 @@ def main() -> None:
             "first_step_below_half_rms": int(steps[below[0]]) if below.size else None,
         }
         if args.hot_frames:
-            table["runs"][key]["hot_1200K"] = kpu_quality(run, data, args.hot_frames, env, dp, frames_kw)
+            table["runs"][key]["hot_1200K"] = kpu_quality(run, data, args.hot_frames, env, dp, kw)
             print(f"{key}: 1200 K {table['runs'][key]['hot_1200K']}", flush=True)
         print(f"{key}: force RMSE {f_val[-1]:.3g} eV/A at step {steps[-1]}, below half the "
               f"label RMS ({rms:.3g}) from step {table['runs'][key]['first_step_below_half_rms']}",

@@ -20,6 +20,14 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/bench_rlekf_vs_adam.py            # full: 6000 Adam / 600 RLEKF steps
     .venv/bin/python benchmarks/bench_rlekf_vs_adam.py --quick    # smoke run: 300 / 60 steps
+    .venv/bin/python benchmarks/bench_rlekf_vs_adam.py --rlekf-opt force_normaliser=none --trace \
+        --system CuNi --size 3 --outdir benchmarks/out/rlekf_vs_adam_cuni108
+
+``--rlekf-opt KEY=VALUE[,KEY=VALUE]`` (repeatable) adds an RLEKF run with those ``optimizer``
+keys beside the one with the defaults; ``--system CuNi`` makes half of the sites Ni (the same
+nets per type); ``--size`` sets the fcc repeats per side (2: 32 atoms, 3: 108); ``--trace``
+writes each RLEKF run's per-update trace (``ALKPU_RLEKF_TRACE``) to its ``trace.jsonl``;
+``--hot-frames N`` adds each RLEKF model's KPU ranking on N frames at 1200 K.
 """
 
 from __future__ import annotations
@@ -53,6 +61,69 @@ MODEL = {
 }
 LOSS = {"start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1}
 
+SYSTEMS = {
+    # the frames' keyword arguments for alkpu_plugin.reference.md_frames, and the model's types
+    "Cu": {"frames": {"element": "Cu", "a": 3.61}, "type_map": ["Cu"]},
+    "CuNi": {"frames": {"element": "Cu", "a": 3.56, "substitute": {"Ni": 0.5}}, "type_map": ["Cu", "Ni"]},
+}
+
+
+def model_for(system: str) -> dict:
+    """The Cu model above; for two species the same nets per type."""
+    model = json.loads(json.dumps(MODEL))
+    types = SYSTEMS[system]["type_map"]
+    model["type_map"] = types
+    total = model["descriptor"]["sel"][0]
+    # a random alloy holds more than its share of one type around some atoms: 2/3 of the total each
+    model["descriptor"]["sel"] = [total if len(types) == 1 else -(-2 * total // 3)] * len(types)
+    return model
+
+
+def frames_kw(system: str, size: int) -> dict:
+    return {**SYSTEMS[system]["frames"], "size": size, "type_map": SYSTEMS[system]["type_map"]}
+
+
+INT_KEYS = ("blocksize", "force_updates", "atoms_per_update", "seed")
+
+
+def parse_opt(text: str) -> dict:
+    """``KEY=VALUE[,KEY=VALUE]`` as optimizer keys (numbers where they parse as numbers)."""
+    settings = {}
+    for item in text.split(","):
+        key, _, value = (part.strip() for part in item.partition("="))
+        try:
+            settings[key] = int(value) if key in INT_KEYS else float(value)
+        except ValueError:
+            settings[key] = value
+    return settings
+
+
+def opt_name(settings: dict) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
+
+
+def kpu_quality(run: Path, data: Path, nframes: int, env: dict, dp: str, kw: dict) -> dict:
+    """Spearman(max per-atom KPU, max atomic force error) and force RMSE on hot frames."""
+    import dpdata
+    from scipy.stats import spearmanr
+
+    from alkpu_plugin.kpu_engine import KPUEngine
+    from alkpu_plugin.reference import md_frames
+
+    hot = data / f"hot1200_{nframes}"
+    if not hot.exists():
+        md_frames(1200, nframes, seed=13, interval=20, **kw).to("deepmd/npy", str(hot))
+    subprocess.run([dp, "freeze", "-o", "graph.pb"], cwd=run, env=env, check=True, capture_output=True)
+    engine = KPUEngine(run / "graph.pb", seed=0, virial=False)
+    system = dpdata.LabeledSystem(str(hot), fmt="deepmd/npy")
+    res = engine.compute(system, progress=False)
+    _, frames = engine._frames(system, res.frames)
+    pred = np.array([engine.jacobian.predict(f)[1] for f in frames])
+    err = np.linalg.norm(pred - system["forces"], axis=2)
+    return {"frames": int(system.get_nframes()),
+            "spearman_max_atom_kpu_vs_max_error": float(spearmanr(res.atom_kpu.max(axis=1), err.max(axis=1)).statistic),
+            "force_rmse": float(np.sqrt(np.mean((pred - system["forces"]) ** 2)))}
+
 LCURVE_COLS = ["step", "rmse_val", "rmse_trn", "rmse_e_val", "rmse_e_trn",
                "rmse_f_val", "rmse_f_trn", "lr"]
 
@@ -70,10 +141,13 @@ RE_TRAINED = re.compile(r"RLEKF trained (\d+) steps \((\d+) Kalman updates in al
 
 
 # --------------------------------------------------------------------------- data
-def make_data(datadir: Path, ntrain: int, nvalid: int, temperature: float) -> dict:
-    """EMT-labelled Cu frames, cached (regenerated when the settings change)."""
+def make_data(datadir: Path, ntrain: int, nvalid: int, temperature: float,
+              system: str = "Cu", size: int = 2) -> dict:
+    """EMT-labelled frames, cached (regenerated when the settings change)."""
     spec = {"temperature": temperature, "ntrain": ntrain, "nvalid": nvalid,
-            "train_seed": 1, "valid_seed": 2, "natoms": 32, "calculator": "ASE EMT"}
+            "train_seed": 1, "valid_seed": 2, "natoms": 4 * size**3, "calculator": "ASE EMT"}
+    if system != "Cu":
+        spec["system"] = system
     marker = datadir / "spec.json"
     if marker.exists() and json.loads(marker.read_text()) == spec \
             and (datadir / "train" / "type.raw").exists() and (datadir / "valid" / "type.raw").exists():
@@ -85,17 +159,18 @@ def make_data(datadir: Path, ntrain: int, nvalid: int, temperature: float) -> di
         shutil.rmtree(datadir)
     datadir.mkdir(parents=True)
     tic = time.time()
-    md_frames(temperature, ntrain, seed=1).to("deepmd/npy", str(datadir / "train"))
-    md_frames(temperature, nvalid, seed=2).to("deepmd/npy", str(datadir / "valid"))
+    kw = frames_kw(system, size)
+    md_frames(temperature, ntrain, seed=1, **kw).to("deepmd/npy", str(datadir / "train"))
+    md_frames(temperature, nvalid, seed=2, **kw).to("deepmd/npy", str(datadir / "valid"))
     marker.write_text(json.dumps(spec, indent=1))
     print(f"[data] {ntrain} + {nvalid} frames labelled by EMT in {time.time() - tic:.1f} s", flush=True)
     return spec
 
 
 def make_input(datadir: Path, optimizer: dict, steps: int, disp_freq: int,
-               decay_steps: int, nvalid: int, seed: int) -> dict:
+               decay_steps: int, nvalid: int, seed: int, system: str = "Cu") -> dict:
     return {
-        "model": json.loads(json.dumps(MODEL)),
+        "model": model_for(system),
         "learning_rate": {"type": "exp", "start_lr": 0.001, "stop_lr": 3e-5, "decay_steps": decay_steps},
         "optimizer": optimizer,
         "loss": dict(LOSS),
@@ -313,16 +388,45 @@ def time_to_target(res: dict, target: float) -> dict:
     return {"reached": False, "step": None, "wall_s": None, "rmse_f_val": None}
 
 
+def trace_summary(path: Path, span: int = 10) -> list[dict]:
+    """Medians of an RLEKF trace (ALKPU_RLEKF_TRACE) per span of ``span`` steps and kind of
+    update: H^T P H over the noise term L*lambda, the innovation, |delta w|."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for start in range(0, max(r["step"] for r in rows) + 1, span):
+        row = {"steps": f"{start}-{start + span - 1}"}
+        for kind in ("energy", "force"):
+            sel = [r for r in rows if r["kind"] == kind and start <= r["step"] < start + span]
+            if sel:
+                row[f"{kind}_hph_over_noise"] = float(np.median([r["hph"] / r["noise"] for r in sel]))
+                row[f"{kind}_innovation"] = float(np.median([r["innovation"] for r in sel]))
+                row[f"{kind}_delta_norm"] = float(np.median([r["delta_norm"] for r in sel]))
+        out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------- plot
-def plot(results: dict, target: float, path: Path) -> None:
+COLORS = ("tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")
+
+
+def run_label(name: str, blocksize: int) -> str:
+    if name == "adam":
+        return "Adam"
+    return f"RLEKF (blocksize {blocksize}" + (f", {name.split(':', 1)[1]})" if ":" in name else ")")
+
+
+def plot(results: dict, target: float, path: Path, title: str, blocksize: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"adam": ("Adam", "tab:blue", "o"), "rlekf": ("RLEKF (blocksize 1024)", "tab:red", "s")}
-    for key, (label, color, marker) in styles.items():
+    styles = {"adam": ("tab:blue", "o")}
+    for i, name in enumerate(n for n in results if n != "adam"):
+        styles[name] = (COLORS[i % len(COLORS)], "sv^D"[i % 4])
+    for key, (color, marker) in styles.items():
+        label = run_label(key, blocksize)
         c = results[key]["curve"]
         ax = axes[0]
         rate = f"{results[key]['s_per_step']:.3g} s/step"
@@ -350,7 +454,7 @@ def plot(results: dict, target: float, path: Path) -> None:
     axes[0].set_xlabel("wall time since first validation (s), validation included")
     axes[1].set_xlabel("training step (log; step 0 drawn at 1)")
     axes[1].set_xscale("log")
-    fig.suptitle("dp train, Cu 32 atoms (EMT), se_e2_a [25,50,100] + fitting [50,50,50], batch 1", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -402,11 +506,21 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=300.0)
     ap.add_argument("--blocksize", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=1, help="training/seed (also RLEKF's seed)")
+    ap.add_argument("--system", choices=sorted(SYSTEMS), default="Cu",
+                    help="Cu, or CuNi: half of the sites Ni, the same nets per type")
+    ap.add_argument("--size", type=int, default=2, help="fcc cell repeats per side (2: 32 atoms, 3: 108)")
+    ap.add_argument("--rlekf-opt", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="one more RLEKF run with these optimizer keys (repeatable)")
+    ap.add_argument("--trace", action="store_true",
+                    help="each RLEKF run writes its per-update trace (ALKPU_RLEKF_TRACE) to trace.jsonl")
+    ap.add_argument("--hot-frames", type=int, default=0,
+                    help="KPU ranking of each RLEKF model on this many 1200 K frames (0: none)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="OMP_NUM_THREADS and DP_INTRA_OP_PARALLELISM_THREADS for dp")
     ap.add_argument("--quick", action="store_true", help="smoke run: 300 Adam / 60 RLEKF steps")
-    ap.add_argument("--only", choices=["adam", "rlekf"], default=None,
-                    help="rerun only one optimizer, reusing the other's finished run directory")
+    ap.add_argument("--only", action="append", default=None, metavar="RUN",
+                    help="rerun only this run (adam, rlekf, or rlekf:KEY=VALUE,..; repeatable), "
+                    "reusing the others' finished run directories")
     ap.add_argument("--reparse", action="store_true",
                     help="run nothing: re-read the finished runs in --outdir and rewrite the JSON and PNG")
     args = ap.parse_args(argv)
@@ -418,55 +532,73 @@ def main(argv=None) -> int:
     if args.reparse:
         data_spec = json.loads((out / "data" / "spec.json").read_text())
     else:
-        data_spec = make_data(out / "data", args.ntrain, args.nvalid, args.temperature)
+        data_spec = make_data(out / "data", args.ntrain, args.nvalid, args.temperature, args.system, args.size)
     decay_steps = max(1, adam_steps // 30)
     plans = {
         "adam": ({"type": "Adam"}, adam_steps),
         "rlekf": ({"type": "RLEKF", "blocksize": args.blocksize}, rlekf_steps),
     }
+    for text in args.rlekf_opt:
+        settings = parse_opt(text)
+        plans[f"rlekf:{opt_name(settings)}"] = ({"type": "RLEKF", "blocksize": args.blocksize, **settings},
+                                                rlekf_steps)
     env = thread_env(args.threads)
+    dp = str(Path(sys.executable).parent / "dp")
     results: dict = {}
     inputs: dict = {}
     for name, (opt, steps) in plans.items():
         disp = max(1, steps // args.points)
-        jdata = make_input(out / "data", opt, steps, disp, decay_steps, args.nvalid, args.seed)
+        jdata = make_input(out / "data", opt, steps, disp, decay_steps, args.nvalid, args.seed, args.system)
         inputs[name] = jdata
-        workdir = out / name
-        reuse = args.reparse or (args.only and args.only != name)
+        workdir = out / name.replace(":", "_").replace("=", "_").replace(",", "-")
+        reuse = args.reparse or (args.only and name not in args.only)
         if reuse and (workdir / "run.json").exists():
             run = json.loads((workdir / "run.json").read_text())
             print(f"[run] {name}: reusing {workdir}", flush=True)
         else:
-            run = run_dp_train(workdir, jdata, env)
+            run_env = dict(env)
+            if args.trace and name != "adam":
+                run_env["ALKPU_RLEKF_TRACE"] = str(workdir / "trace.jsonl")
+            run = run_dp_train(workdir, jdata, run_env)
+            if name != "adam" and args.hot_frames:
+                run["hot_1200K"] = kpu_quality(workdir, out / "data", args.hot_frames, {**os.environ, **env}, dp,
+                                               frames_kw(args.system, args.size))
             (workdir / "run.json").write_text(json.dumps(run, indent=1))
         lc = read_lcurve(workdir / "lcurve.out")
         log = parse_log(workdir / "dp.log")
         results[name] = summarise(name, lc, log, run, steps, disp)
+        if "hot_1200K" in run:
+            results[name]["hot_1200K"] = run["hot_1200K"]
+        if (workdir / "trace.jsonl").exists():
+            results[name]["trace_by_10_steps"] = trace_summary(workdir / "trace.jsonl")
 
     target = results["adam"]["final_rmse_f_val"]
     for name in plans:
         results[name]["time_to_target"] = time_to_target(results[name], target)
-    a, r = results["adam"], results["rlekf"]
-    ttt_a, ttt_r = a["time_to_target"], r["time_to_target"]
-    comparison = {
-        "target_rmse_f_val": target,
-        "rlekf_over_adam_step_time": r["s_per_step"] / a["s_per_step"] if a["s_per_step"] else None,
-        "issue_lkf_pytorch_s_per_step": 1.56,
-        "issue_adam_s_per_step": 0.040,
-        "issue_target_rlekf_s_per_step_max": 1.56 / 2,
-        "step_time_target_met": r["s_per_step"] <= 1.56 / 2,
-        "time_to_target_ratio_rlekf_over_adam": (
-            ttt_r["wall_s"] / ttt_a["wall_s"] if ttt_r["reached"] and ttt_a["wall_s"] else None
-        ),
-        "time_to_target_met": bool(ttt_r["reached"] and ttt_r["wall_s"] <= ttt_a["wall_s"]),
-    }
+    a = results["adam"]
+    ttt_a = a["time_to_target"]
+    comparison = {"target_rmse_f_val": target, "runs": {}}
+    for name in plans:
+        if name == "adam":
+            continue
+        r = results[name]
+        ttt_r = r["time_to_target"]
+        comparison["runs"][name] = {
+            "rlekf_over_adam_step_time": r["s_per_step"] / a["s_per_step"] if a["s_per_step"] else None,
+            "time_to_target_ratio_rlekf_over_adam": (
+                ttt_r["wall_s"] / ttt_a["wall_s"] if ttt_r["reached"] and ttt_a["wall_s"] else None
+            ),
+            "time_to_target_half_of_adam": bool(ttt_r["reached"] and ttt_r["wall_s"] <= 0.5 * ttt_a["wall_s"]),
+        }
+    natoms = data_spec.get("natoms", 32)
+    title = (f"dp train, {args.system} {natoms} atoms (EMT), se_e2_a [25,50,100] + fitting [50,50,50], batch 1")
     report = {
         "benchmark": "RLEKF vs Adam, dp train (DeePMD-kit TF backend)",
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {
             "adam_steps": adam_steps, "rlekf_steps": rlekf_steps, "quick": args.quick,
-            "reparse_only": args.reparse, "only": args.only,
+            "reparse_only": args.reparse, "only": args.only, "system": args.system, "size": args.size,
             "decay_steps": decay_steps, "blocksize": args.blocksize, "seed": args.seed,
             "data": data_spec, "env": env, "inputs": inputs,
             "validation_note": (
@@ -485,27 +617,30 @@ def main(argv=None) -> int:
         "comparison": comparison,
     }
     (out / "rlekf_vs_adam.json").write_text(json.dumps(report, indent=1))
-    plot(results, target, out / "rlekf_vs_adam.png")
+    plot(results, target, out / "rlekf_vs_adam.png", title, args.blocksize)
 
-    print()
-    print(f"{'':28s} {'Adam':>12s} {'RLEKF':>12s}")
-    print(f"{'steps':28s} {adam_steps:12d} {rlekf_steps:12d}")
-    print(f"{'s/step (pure)':28s} {a['s_per_step']:12.4f} {r['s_per_step']:12.4f}")
-    print(f"{'s/step (wall, incl. valid.)':28s} {a['wall_s_per_step_incl_validation']:12.4f} "
-          f"{r['wall_s_per_step_incl_validation']:12.4f}")
-    print(f"{'RLEKF TF passes / Kalman':28s} {'':12s} {r['tf_passes_s_per_step']:.4f}/{r['kalman_updates_s_per_step']:.4f}")
-    print(f"{'RLEKF median s/step (TF/KF)':28s} {'':12s} {r['median_s_per_step']:.4f} "
-          f"({r['median_tf_passes_s_per_step']:.4f}/{r['median_kalman_updates_s_per_step']:.4f})")
-    if r["slow_intervals"]:
-        print(f"{'RLEKF slow intervals':28s} {'':12s} {len(r['slow_intervals'])} "
-              f"(+{r['slow_intervals_extra_wall_s']:.0f} s over the median), ending at steps "
-              + ", ".join(str(x["end_step"]) for x in r["slow_intervals"]))
-    print(f"{'final rmse_f_val (eV/A)':28s} {a['final_rmse_f_val']:12.4g} {r['final_rmse_f_val']:12.4g}")
+    names = list(plans)
     fmt = lambda t: f"{t['wall_s']:.1f} s @{t['step']}" if t["reached"] else "not reached"
-    print(f"{'time to target':28s} {fmt(ttt_a):>12s} {fmt(ttt_r):>12s}")
-    print(f"{'training wall (s)':28s} {a['train_wall_s']:12.1f} {r['train_wall_s']:12.1f}")
-    print(f"{'peak RSS (MB)':28s} {a['peak_rss_MB'] or float('nan'):12.1f} {r['peak_rss_MB'] or float('nan'):12.1f}")
-    print(f"{'P memory (MB)':28s} {'':12s} {r.get('P_MB', float('nan')):12.1f}")
+    rows = [
+        ("steps", lambda r: f"{r['steps']:d}"),
+        ("s/step (pure)", lambda r: f"{r['s_per_step']:.4f}"),
+        ("s/step (wall, incl. valid.)", lambda r: f"{r['wall_s_per_step_incl_validation']:.4f}"),
+        ("final rmse_f_val (eV/A)", lambda r: f"{r['final_rmse_f_val']:.4g}"),
+        ("time to Adam's final", lambda r: fmt(r["time_to_target"])),
+        ("training wall (s)", lambda r: f"{r['train_wall_s']:.1f}"),
+        ("peak RSS (MB)", lambda r: f"{r['peak_rss_MB'] or float('nan'):.1f}"),
+        ("P memory (MB)", lambda r: f"{r.get('P_MB', float('nan')):.1f}"),
+        ("Spearman at 1200 K", lambda r: f"{r['hot_1200K']['spearman_max_atom_kpu_vs_max_error']:.3f}"
+         if "hot_1200K" in r else ""),
+    ]
+    print()
+    for name in names:
+        print(f"{run_label(name, args.blocksize)}")
+        for label, cell in rows:
+            print(f"  {label:28s} {cell(results[name])}")
+    for name, c in comparison["runs"].items():
+        ratio = c["time_to_target_ratio_rlekf_over_adam"]
+        print(f"{name}: time to Adam's final RMSE / Adam's = {ratio if ratio is None else round(ratio, 3)}")
     print(f"\nwrote {out / 'rlekf_vs_adam.json'} and {out / 'rlekf_vs_adam.png'}")
     return 0
 
