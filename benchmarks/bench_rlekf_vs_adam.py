@@ -421,7 +421,7 @@ def plot(results: dict, target: float, path: Path, title: str, blocksize: int) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
     styles = {"adam": ("tab:blue", "o")}
     for i, name in enumerate(n for n in results if n != "adam"):
         styles[name] = (COLORS[i % len(COLORS)], "sv^D"[i % 4])
@@ -430,8 +430,6 @@ def plot(results: dict, target: float, path: Path, title: str, blocksize: int) -
         c = results[key]["curve"]
         ax = axes[0]
         rate = f"{results[key]['s_per_step']:.3g} s/step"
-        if "median_s_per_step" in results[key]:
-            rate = f"{results[key]['s_per_step']:.3g} s/step mean, {results[key]['median_s_per_step']:.3g} median"
         ax.plot(c["wall_s"], c["rmse_f_val"], marker=marker, ms=3, color=color, label=f"{label}: {rate}")
         # intervals that ran much slower than the median (stalls), shaded
         ends = {s: w for s, w in zip(c["step"], c["wall_s"])}
@@ -450,12 +448,13 @@ def plot(results: dict, target: float, path: Path, title: str, blocksize: int) -
         ax.set_yscale("log")
         ax.set_ylabel("validation force RMSE (eV/Å)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
     axes[0].set_xlabel("wall time since first validation (s), validation included")
     axes[1].set_xlabel("training step (log; step 0 drawn at 1)")
     axes[1].set_xscale("log")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.01 + 0.04 * len(labels), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
