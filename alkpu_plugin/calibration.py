@@ -30,7 +30,8 @@ from .kalman import read_meta
 
 __all__ = ["fit", "fit_power", "fit_forces", "FORMS", "fit_virial", "predicted_sq_error", "conformal_quantile", "interval_coverage",
            "calibration_path", "load_calibration", "save_calibration", "deciles",
-           "calibrate", "force_errors", "virial_errors", "CalibrationError"]
+           "calibrate", "force_errors", "virial_errors", "CalibrationError", "fitted_kpu_max",
+           "beyond_calibration"]
 
 
 def fit(atom_kpu: np.ndarray, sq_error: np.ndarray) -> dict:
@@ -90,16 +91,42 @@ def fit_forces(atom_kpu: np.ndarray, sq_error: np.ndarray, form: str = "power") 
     if form not in FORMS:
         raise ValueError(f"unknown calibration form {form!r}: use one of {', '.join(FORMS)}")
     line = fit(atom_kpu, sq_error)
+    reach = {"kpu_max": float(np.max(atom_kpu))}
     if form == "line":
-        return line
+        return {**line, **reach}
     try:
         power = fit_power(atom_kpu, sq_error, bins=POWER_BINS)
     except ValueError as err:
-        return {**line, "fallback": f"power law not fitted ({err}); the line is used"}
+        return {**line, **reach, "fallback": f"power law not fitted ({err}); the line is used"}
     if not POWER_RANGE[0] <= power["p"] <= POWER_RANGE[1]:
-        return {**line, "fallback": f"power law exponent {power['p']:.3g} outside "
+        return {**line, **reach, "fallback": f"power law exponent {power['p']:.3g} outside "
                 f"{POWER_RANGE[0]}-{POWER_RANGE[1]}; the line is used"}
-    return {**power, "line": line}
+    return {**power, **reach, "line": line}
+
+
+def fitted_kpu_max(calibration: dict) -> float | None:
+    """The largest atomic KPU among the atoms the calibration was fitted on (``"kpu_max"``; from
+    the deciles for a calibration saved without it), or None when it does not say."""
+    if calibration.get("kpu_max") is not None:
+        return float(calibration["kpu_max"])
+    rows = calibration.get("deciles") or []
+    return max((float(r["kpu_max"]) for r in rows), default=None)
+
+
+def beyond_calibration(calibration: dict, atom_kpu: np.ndarray, factor: float) -> np.ndarray:
+    """(F,) True for frames whose largest atomic KPU exceeds ``factor`` times the largest the
+    calibration was fitted on.
+
+    There the calibrated sigma is an extrapolation of a fit made on the training frames, and it
+    under-predicts: in the demo's first model (fitted at 300 K) frames beyond twice the fitted
+    KPU had a largest atomic force error 3-10 times their largest sigma (docs/benchmarks.md).
+    All False when ``factor`` is 0 or the calibration does not say its range.
+    """
+    kpu = np.asarray(atom_kpu, dtype=np.float64)
+    top = fitted_kpu_max(calibration)
+    if not factor or top is None:
+        return np.zeros(kpu.shape[0], dtype=bool)
+    return kpu.reshape(kpu.shape[0], -1).max(axis=1) > factor * top
 
 
 def predicted_sq_error(calibration: dict, kpu) -> np.ndarray:

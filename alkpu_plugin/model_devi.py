@@ -9,6 +9,8 @@ min_devi_v avg_devi_v max_devi_f min_devi_f avg_devi_f``.  DP-GEN's selection
   committee virial deviation, so ``model_devi_v_trust_lo/hi`` select;
 * the force columns are the max/min/mean over atoms of the per-atom force
   uncertainty (eV/A when calibrated);
+* a frame whose KPU lies beyond the calibration's range is written at least at the
+  lower trust level (:mod:`alkpu_plugin.dpgen.extrapolation`): a candidate;
 * a frame outside the model's domain (:mod:`alkpu_plugin.domain`) gets
   :data:`OUT_OF_DOMAIN` in both max columns (1 and 4), above any trust level:
   DP-GEN counts it as failed, never as accurate.
@@ -43,13 +45,14 @@ OUT_OF_DOMAIN = 1.0e10
 
 
 def write_model_devi(path: str | os.PathLike, steps, atom_sigma, virial_sigma=None,
-                     out_of_domain=None, note: str | None = None) -> Path:
+                     out_of_domain=None, note: str | None = None, at_least=None) -> Path:
     """Write the file atomically.
 
     ``atom_sigma``: per-frame, per-atom force uncertainties (F, N) (or (F, 1) per
     frame); ``virial_sigma``: (F, 9) per-atom virial uncertainties, or None for
     zero virial columns; ``out_of_domain``: (F,) flags of frames to mark as failed;
-    ``note``: a comment line written under the column header.
+    ``note``: a comment line written under the column header; ``at_least``: (F,) lower
+    bounds of the max force column (0 where none).
     """
     sigma = np.asarray(atom_sigma, dtype=np.float64)
     steps = np.asarray(steps, dtype=np.int64)
@@ -65,6 +68,11 @@ def write_model_devi(path: str | os.PathLike, steps, atom_sigma, virial_sigma=No
     table[:, 4] = sigma.max(axis=1)
     table[:, 5] = sigma.min(axis=1)
     table[:, 6] = sigma.mean(axis=1)
+    if at_least is not None:
+        floor = np.asarray(at_least, dtype=np.float64).reshape(-1)
+        if floor.shape[0] != steps.size:
+            raise ValueError("at_least must have one value per frame")
+        table[:, 4] = np.maximum(table[:, 4], floor)
     if out_of_domain is not None:
         bad = np.asarray(out_of_domain, dtype=bool).reshape(-1)
         if bad.shape[0] != steps.size:

@@ -65,7 +65,7 @@ def test_default_form_is_the_power_law_with_the_line_beside_it():
     out = cal.fit_forces(kpu, sq)
     assert out["p"] == pytest.approx(1.4, abs=0.03) and "fallback" not in out
     assert out["line"] == cal.fit(kpu, sq)
-    assert cal.fit_forces(kpu, sq, "line") == cal.fit(kpu, sq)
+    assert cal.fit_forces(kpu, sq, "line") == {**cal.fit(kpu, sq), "kpu_max": kpu.max()}
     with pytest.raises(ValueError, match="unknown calibration form 'cubic'"):
         cal.fit_forces(kpu, sq, "cubic")
 

@@ -15,7 +15,9 @@ DP-GEN's own step functions, with these differences:
   ``graph*`` name) and KPU is calibrated on the training data;
 * exploration: LAMMPS with the single model, then ``alkpu kpu`` in the same
   task (``model_devi_command`` is wrapped), which writes ``model_devi.out``;
-  DP-GEN's own selection (``make_fp``), labelling and ``post_fp`` follow.
+  frames beyond the calibrated KPU range are raised to candidates
+  (:mod:`.extrapolation`); DP-GEN's own selection (``make_fp``), labelling and
+  ``post_fp`` follow.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 from ..atomic import atomic_symlink, atomic_write_text
 from ..runfiles import STEP_NAMES, TIMING_FILE
 from .jobs import FailedLabelsError, guard_jobs, missing_outputs_allowed
+from .extrapolation import raise_beyond_calibration
 from .ordering import chooser_for, ordered_candidates
 from .params import SELECTIONS, split_param
 from .stages import StageLog, check_interval, timed_dpgen_steps
@@ -206,6 +209,7 @@ def _run_step(ii: int, name: str, jdata: dict, mdata: dict, kpu: dict) -> bool:
         post_model_devi(ii, jdata, md)
     elif name == "make_fp":
         check_model_devi(ii)  # DP-GEN's selection reads these files
+        raise_beyond_calibration(ii, jdata, kpu, _iter_dir(ii) / "01.model_devi")
         chooser = chooser_for(kpu.get("selection", SELECTIONS[0]), ii, jdata, kpu, _iter_dir(ii))
         if chooser is None:
             make_fp(ii, jdata, md)

@@ -118,6 +118,13 @@ def kpu_arguments() -> list[Argument]:
         Argument("rows_per_pass", [int, None], optional=True, default=None,
                  extra_check=lambda x: x is None or x > 0, extra_check_errmsg="rows_per_pass must be positive",
                  doc="Force components per graph evaluation; default: as many as memory_limit allows."),
+        Argument("extrapolation", [int, float], optional=True, default=2.0,
+                 extra_check=lambda x: x == 0 or x >= 1,
+                 extra_check_errmsg="extrapolation must be 0 (off) or >= 1",
+                 doc='With trust "calibrated": an explored frame whose largest atomic KPU exceeds this '
+                 "many times the largest KPU the round's calibration was fitted on is a candidate "
+                 "(written at least at model_devi_f_trust_lo), since the calibrated uncertainty "
+                 "under-predicts beyond the range it was fitted on. 0 switches the rule off."),
         Argument("calibration_atoms", int, optional=True, default=768,
                  extra_check=lambda x: x > 0, extra_check_errmsg="calibration_atoms must be positive",
                  doc="Atoms of training frames (drawn at random, at most 24 frames) on which each "
