@@ -11,7 +11,7 @@ prints / writes (OUT/comparison.json, OUT/comparison.md):
   over each step, see alkpu_plugin/dpgen/stages.py) and wall seconds,
 * validation force / energy RMSE of the final model at every temperature.
 
-    .venv/bin/python benchmarks/bench_alkpu_vs_committee.py [--out DIR] [--rounds N]
+    .venv/bin/python benchmarks/bench_alkpu_vs_committee.py [--out DIR] [--rounds N] [--kpu KEY=VALUE]
 
 Run it on an otherwise idle machine: the CPU times are machine-wide. A finished run is not
 re-run (delete its folder to measure again).
@@ -31,8 +31,11 @@ DEMO = ROOT / "examples" / "cu-emt" / "demo.py"
 MODES = ("kpu", "committee")
 
 
-def run_demo(work: Path, mode: str, rounds: int | None, committee_steps: str | None = None) -> None:
+def run_demo(work: Path, mode: str, rounds: int | None, committee_steps: str | None = None,
+             kpu_keys: list[str] | None = None) -> None:
     cmd = [sys.executable, str(DEMO), str(work), "--uncertainty", mode, "--no-report"]
+    if mode == "kpu":
+        cmd += [f"--kpu={item}" for item in kpu_keys or []]
     if rounds:
         cmd += ["--rounds", str(rounds)]
     if committee_steps and mode == "committee":
@@ -114,11 +117,13 @@ def main() -> int:
     parser.add_argument("--committee-steps", metavar="FIRST,REUSE",
                         help="Adam steps of the committee's first and continued trainings "
                         "(the demo's: 4000,2000)")
+    parser.add_argument("--kpu", action="append", metavar="KEY=VALUE",
+                        help="a key of the kpu run's kpu block (JSON value), e.g. extrapolation=0; repeatable")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     for mode in MODES:
         if args.only in (None, mode):
-            run_demo(out / mode, mode, args.rounds, args.committee_steps)
+            run_demo(out / mode, mode, args.rounds, args.committee_steps, args.kpu)
     if not all((out / mode / "record.dpgen").exists() for mode in MODES):
         return 0  # --only with the other run not there yet: nothing to compare
     result = {mode: summarise(out / mode) for mode in MODES}

@@ -87,6 +87,8 @@ def test_dpgen_still_rejects_its_own_unknown_keys():
          r"model_devi_f_trust_lo \(0.3\) is above model_devi_f_trust_hi \(0.15\)"),
         ({"uncertainty": "kpu", "kpu": {"selection": "best"}}, ArgumentValueError,
          'selection must be "top" or "random" or "diverse"'),
+        ({"uncertainty": "kpu", "kpu": {"extrapolation": 0.5}}, ArgumentValueError,
+         r"extrapolation must be 0 \(off\) or >= 1"),
         ({"uncertainty": "kpu", "kpu": {"selection": "diverse"}, "model_devi_merge_traj": True}, ParamError,
          r'kpu/selection "diverse" reads each candidate .* and model_devi_merge_traj'),
     ],

@@ -4,8 +4,9 @@ The calibration of each round is fitted on training frames (:mod:`alkpu_plugin.c
 where the model's errors are small and flat; beyond the largest KPU it saw, its sigma is an
 extrapolation that under-predicts the error of a model meeting new configurations. In the demo
 (examples/cu-emt) the first model, fitted at 300 K, explored 500-1200 K frames whose largest
-atomic KPU was 3 to 40 times the largest of its fit: their largest force error was 0.1-0.5 eV/A
-against a largest sigma of 0.02-0.06, so DP-GEN counted them accurate (docs/benchmarks.md).
+atomic KPU was 3 to 15 times the largest of its fit (median of a round; up to 40): their
+largest force error was 0.1-0.5 eV/A against a largest sigma of 0.02-0.06, so DP-GEN counted
+them accurate (docs/benchmarks.md).
 
 With ``kpu/extrapolation`` = e (default 2), a frame whose largest atomic KPU exceeds e times the
 largest KPU the calibration was fitted on is written to ``model_devi.out`` at least at its

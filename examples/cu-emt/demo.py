@@ -33,7 +33,8 @@ INIT = {"temperature": 300, "frames": 30, "seed": 1}
 VALIDATION_FRAMES = 20
 
 
-def demo_param(rounds: int | None, uncertainty: str, committee_steps: str | None = None) -> dict:
+def demo_param(rounds: int | None, uncertainty: str, committee_steps: str | None = None,
+               kpu_keys: list[str] | None = None) -> dict:
     param = json.loads((HERE / "param.json").read_text())
     if rounds is not None:
         if not 1 <= rounds <= len(param["model_devi_jobs"]):
@@ -51,6 +52,16 @@ def demo_param(rounds: int | None, uncertainty: str, committee_steps: str | None
             param["training_reuse_numb_steps"] = reuse
     elif committee_steps:
         raise SystemExit("--committee-steps applies to --uncertainty committee only")
+    for item in kpu_keys or []:
+        if uncertainty != "kpu":
+            raise SystemExit("--kpu applies to --uncertainty kpu only")
+        key, sep, value = item.partition("=")
+        try:
+            param["kpu"][key] = json.loads(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise SystemExit(f"--kpu takes KEY=VALUE with a JSON value (e.g. extrapolation=0), not {item!r}")
     return param
 
 
@@ -100,12 +111,15 @@ def main(argv=None) -> int:
     parser.add_argument("--committee-steps", metavar="FIRST,REUSE",
                         help="Adam steps of the committee's first training and of each continued one "
                         "(numb_steps and training_reuse_numb_steps; the param.json's are 4000,2000)")
+    parser.add_argument("--kpu", action="append", metavar="KEY=VALUE",
+                        help="set a key of the param.json's kpu block (a JSON value), e.g. extrapolation=0; "
+                        "repeatable")
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args(argv)
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    param = demo_param(args.rounds, args.uncertainty, args.committee_steps)
+    param = demo_param(args.rounds, args.uncertainty, args.committee_steps, args.kpu)
     write_inputs(work, param)
     prepare(work, param)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
