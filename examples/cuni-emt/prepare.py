@@ -6,7 +6,8 @@
 
 RUNDIR (default ``cuni-emt-run``) gets:
 
-* ``param.json`` and ``machine.json``, copied from this folder;
+* ``param.json`` and ``machine.json``, copied from this folder (``--ladder``, ``--trj-freq`` and
+  ``--trust`` change the exploration rounds and trust levels of the param.json);
 * ``data/init`` (deepmd/npy): 30 EMT-labelled MD frames at 300 K of a 108-atom fcc cell
   (3 x 3 x 3 conventional cells, a = 3.56 A) in which half of the sites, drawn at random,
   hold Ni (``alkpu_plugin.reference.md_frames``);
@@ -54,14 +55,36 @@ def starting_structure(system):
     return structure
 
 
-def prepare(rundir) -> Path:
-    """Write the run directory; returns its path."""
+def example_param(ladder: list[float] | None = None, trj_freq: int | None = None,
+                  trust: tuple[float, float] | None = None) -> dict:
+    """This folder's param.json, with another temperature ladder (one exploration round per
+    temperature, the first round's other settings), frame interval or force trust levels."""
+    param = json.loads((HERE / "param.json").read_text())
+    if ladder:
+        first = param["model_devi_jobs"][0]
+        param["model_devi_jobs"] = [{**first, "temps": [t]} for t in ladder]
+    if trj_freq:
+        for job in param["model_devi_jobs"]:
+            job["trj_freq"] = trj_freq
+    if trust:
+        param["model_devi_f_trust_lo"], param["model_devi_f_trust_hi"] = trust
+    return param
+
+
+def prepare(rundir, param: dict | None = None) -> Path:
+    """Write the run directory; returns its path. ``param`` (default: this folder's) is written
+    as its param.json; one already there that differs stops it, untouched."""
     rundir = Path(rundir).resolve()
+    param = param or example_param()
+    text = json.dumps(param, indent=1) + "\n"
+    if (rundir / "param.json").exists() and json.loads((rundir / "param.json").read_text()) != param:
+        raise SystemExit(f"{rundir / 'param.json'} exists and differs from the one asked for: use another "
+                         "RUNDIR, or delete it to write it anew")
     rundir.mkdir(parents=True, exist_ok=True)
-    for name in ("param.json", "machine.json"):
-        if not (rundir / name).exists():
-            shutil.copy(HERE / name, rundir / name)
-    param = json.loads((rundir / "param.json").read_text())
+    if not (rundir / "param.json").exists():
+        (rundir / "param.json").write_text(text)
+    if not (rundir / "machine.json").exists():
+        shutil.copy(HERE / "machine.json", rundir / "machine.json")
     init = rundir / param["init_data_prefix"] / param["init_data_sys"][0]
     if not init.exists():
         print(f"initial data: {INIT['frames']} EMT frames at {INIT['temperature']} K -> {init}", flush=True)
@@ -85,8 +108,19 @@ def prepare(rundir) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rundir", nargs="?", default="cuni-emt-run")
+    parser.add_argument("--ladder", metavar="T1,T2,...", help="exploration temperatures, one round each "
+                        "(default: 600,1000)")
+    parser.add_argument("--trj-freq", type=int, help="MD steps between explored frames (default 50)")
+    parser.add_argument("--trust", metavar="LO,HI", help="model_devi_f_trust_lo/hi in eV/A (default 0.05,0.3)")
     args = parser.parse_args()
-    rundir = prepare(args.rundir)
+    try:
+        ladder = [int(t) if float(t).is_integer() else float(t) for t in args.ladder.split(",")] if args.ladder else None
+        trust = tuple(float(t) for t in args.trust.split(",")) if args.trust else None
+    except ValueError:
+        raise SystemExit("--ladder and --trust take numbers separated by commas") from None
+    if trust is not None and (len(trust) != 2 or trust[0] > trust[1]):
+        raise SystemExit("--trust takes LO,HI with LO <= HI")
+    rundir = prepare(args.rundir, example_param(ladder, args.trj_freq, trust))
     print(f"ready: cd {rundir} && alkpu run param.json machine.json  (dp, lmp, alkpu on PATH)")
 
 
