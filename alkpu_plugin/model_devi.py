@@ -30,8 +30,8 @@ import numpy as np
 
 from .atomic import atomic_write
 
-__all__ = ["HEADER", "UNCALIBRATED", "OUT_OF_DOMAIN", "write_model_devi", "write_result", "read_model_devi", "devi_values",
-           "ModelDeviError"]
+__all__ = ["HEADER", "UNCALIBRATED", "OUT_OF_DOMAIN", "BEYOND_CALIBRATION", "write_model_devi", "write_result",
+           "read_model_devi", "devi_values", "raised_frames", "ModelDeviError"]
 
 HEADER = "%12s" % "step" + "".join("%19s" % c for c in (
     "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f"))
@@ -42,6 +42,12 @@ UNCALIBRATED = ("# uncalibrated: columns hold sqrt(KPU), not eV/A; do not compar
 
 #: written in the max columns of frames outside the model's domain
 OUT_OF_DOMAIN = 1.0e10
+
+#: the comment line of a file whose frames beyond the calibrated KPU range were raised to the lower
+#: trust level (:mod:`alkpu_plugin.dpgen.extrapolation`); :func:`raised_frames` reads the count back
+BEYOND_CALIBRATION = ("# {n} frame(s) beyond {factor:g} x the calibration's largest KPU ({kpu_max:.4g}) written at "
+                      "least at model_devi_f_trust_lo ({lo:g}): their calibrated sigma under-predicts there "
+                      "(kpu.npz keeps it)")
 
 
 def write_model_devi(path: str | os.PathLike, steps, atom_sigma, virial_sigma=None,
@@ -98,6 +104,20 @@ def write_result(path: str | os.PathLike, result, values=None) -> Path:
     note = UNCALIBRATED if values is None and not result.calibration else None
     return write_model_devi(path, result.steps, result.atom_sigma if values is None else values,
                             result.virial_sigma, result.out_of_domain, note)
+
+
+def raised_frames(path: str | os.PathLike) -> int:
+    """How many frames of a model_devi.out were raised to the lower trust level (0 if none)."""
+    import re
+
+    with open(path) as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                break
+            found = re.match(r"# (\d+) frame\(s\) beyond ", line)
+            if found:
+                return int(found.group(1))
+    return 0
 
 
 class ModelDeviError(ValueError):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model_devi import OUT_OF_DOMAIN
+from .model_devi import OUT_OF_DOMAIN, raised_frames
 from .runfiles import STAGES_FILE, STEP_NAMES, TIMING_FILE, count_lines
 
 __all__ = [
@@ -264,6 +264,19 @@ def _round(run_dir: Path, ii: int, param: dict, selection: dict, record) -> dict
             notes.append(f"iteration {ii}: {outside} explored frame(s) outside the model's domain, counted "
                          "as failed" + (f" (e.g. {outside_reasons[0]})" if outside_reasons else ""))
 
+    # frames made candidates because their KPU lay beyond the calibrated range (kpu/extrapolation)
+    beyond = None
+    if outs:
+        beyond = 0
+        for p in outs:
+            try:
+                beyond += raised_frames(p)
+            except OSError:
+                pass
+        if beyond:
+            notes.append(f"iteration {ii}: {beyond} explored frame(s) beyond the calibrated KPU range counted as "
+                         "candidates (kpu/extrapolation)")
+
     # DP-GEN's selection and the labelled tasks
     counts = {}
     for key, stem in (("reliable", "rest_accurate"), ("selected", "candidate"), ("discarded", "rest_failed")):
@@ -287,6 +300,7 @@ def _round(run_dir: Path, ii: int, param: dict, selection: dict, record) -> dict
         "temps": [float(t) for t in temps] if temps else None,
         "frames_explored": explored, "exploration_tasks": len(tasks),
         "outside_domain": outside, "outside_domain_examples": outside_reasons,
+        "beyond_calibration": beyond,
         **counts, "labelled": labelled,
         "trust_lo": lo, "trust_hi": hi,
         "values": stats,

@@ -6,7 +6,7 @@ import pytest
 from alkpu_plugin.calibration import beyond_calibration, fit_forces, fitted_kpu_max
 from alkpu_plugin.dpgen.extrapolation import raise_beyond_calibration, trust_lo
 from alkpu_plugin.kpu_engine import KPUResult
-from alkpu_plugin.model_devi import OUT_OF_DOMAIN, read_model_devi, write_result
+from alkpu_plugin.model_devi import OUT_OF_DOMAIN, raised_frames, read_model_devi, write_result
 
 # |dF|^2 = 1e-6 KPU + 1e-4, fitted on atoms whose KPU reached 1000
 CAL = {"a": 1e-6, "b": 1e-4, "kpu_max": 1000.0}
@@ -59,6 +59,7 @@ def test_frames_beyond_the_range_become_candidates_and_dpgen_counts_stay_true(tm
     sys0 = task(tmp_path, "task.000.000000", kpus, domain)
     sys1 = task(tmp_path, "task.001.000000", kpus, domain)
     before = {t: read_model_devi(t / "model_devi.out") for t in (sys0, sys1)}
+    assert raised_frames(sys0 / "model_devi.out") == 0
 
     raised = raise_beyond_calibration(0, jdata, {}, tmp_path / "01.model_devi")
 
@@ -76,6 +77,7 @@ def test_frames_beyond_the_range_become_candidates_and_dpgen_counts_stay_true(tm
         assert table[5, 4] == OUT_OF_DOMAIN  # outside the model's domain stays failed
         assert np.array_equal(table[:, [0, 1, 2, 3, 5, 6]], old[:, [0, 1, 2, 3, 5, 6]])
         assert f"{len(up)} frame(s) beyond 2 x the calibration's largest KPU" in (t / "model_devi.out").read_text()
+        assert raised_frames(t / "model_devi.out") == len(up)  # what alkpu report counts
         candidate, accurate, failed = dpgen_selection([t], lo, 0.25)
         assert {s for _, s in candidate} == {20, 30}
         assert {s for _, s in accurate} == {0, 10}

@@ -30,9 +30,6 @@ import numpy as np
 
 log = logging.getLogger("dpgen")
 
-NOTE = ("# {n} frame(s) beyond {factor:g} x the calibration's largest KPU ({kpu_max:.4g}) written at least "
-        "at model_devi_f_trust_lo ({lo:g}): their calibrated sigma under-predicts there (kpu.npz keeps it)")
-
 
 def trust_lo(ii: int, jdata: dict, system: int) -> float:
     """The lower force trust level DP-GEN's make_fp uses for ``system`` in iteration ``ii``:
@@ -59,7 +56,7 @@ def raise_beyond_calibration(ii: int, jdata: dict, kpu: dict, explore_dir: Path)
     calibrated range (see the module); returns how many frames were raised to a candidate."""
     from ..calibration import beyond_calibration, fitted_kpu_max
     from ..kpu_engine import KPUResult
-    from ..model_devi import write_model_devi
+    from ..model_devi import BEYOND_CALIBRATION, write_model_devi
 
     if not applies(jdata, kpu):
         return 0
@@ -78,7 +75,7 @@ def raise_beyond_calibration(ii: int, jdata: dict, kpu: dict, explore_dir: Path)
         below = beyond & (sigma.max(axis=1) < lo)
         if not below.any():
             continue
-        note = NOTE.format(n=int(below.sum()), factor=factor, kpu_max=fitted_kpu_max(result.calibration), lo=lo)
+        note = BEYOND_CALIBRATION.format(n=int(below.sum()), factor=factor, kpu_max=fitted_kpu_max(result.calibration), lo=lo)
         write_model_devi(task / "model_devi.out", result.steps, sigma, result.virial_sigma, result.out_of_domain,
                          note, at_least=np.where(below, lo, 0.0))
         raised += int(below.sum())
