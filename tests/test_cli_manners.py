@@ -56,6 +56,22 @@ def test_uncalibrated_model_devi_says_so(tmp_path):
     assert "uncalibrated" not in (tmp_path / "rel.out").read_text()
 
 
+def test_frames_beyond_the_calibrated_range_are_named(tmp_path, capsys):
+    """`alkpu kpu` says when frames lie beyond twice the largest KPU the calibration saw."""
+    # atom KPU is 1-2 (result()); the calibration saw up to 0.8 (frames beyond 1.6) or 10 (none)
+    for kpu_max, beyond in ((0.8, None), (10.0, 0)):
+        part = tmp_path / f"part{kpu_max}.npz"
+        one = result(calibration={"a": 1e-4, "b": 0.0, "kpu_max": kpu_max})
+        one.save(part)
+        assert cli.main(["kpu", "--merge", str(part), "-o", ""]) == 0
+        out = capsys.readouterr().out
+        n = int(((one.atom_kpu.max(axis=1)) > 2 * kpu_max).sum())
+        if beyond is None:
+            assert n > 0 and f"  {n} frame(s) with an atom's KPU beyond twice the largest" in out
+        else:
+            assert "beyond twice" not in out
+
+
 class FakeEngine:
     factorize = False
     virial = True
