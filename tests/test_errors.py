@@ -203,8 +203,10 @@ def run_to_end(root):
 def test_failed_step_resumes_once_the_file_is_fixed(tmp_path):
     from .dpgen_run import FAIL, make_workdir, records, wrap_command
 
-    # nothing selected for labelling: iteration 1 keeps iteration 0's model, so the run ends quickly
-    root = make_workdir(tmp_path / "run", model_devi_f_trust_lo=49.0, model_devi_f_trust_hi=50.0)
+    # nothing selected for labelling (trust levels above every sigma, and no frame raised to a candidate
+    # for lying beyond the calibrated KPU range): iteration 1 keeps iteration 0's model, so the run ends quickly
+    root = make_workdir(tmp_path / "run", model_devi_f_trust_lo=49.0, model_devi_f_trust_hi=50.0,
+                        kpu={"extrapolation": 0})
     # the training job fails once (dpdispatcher retries it); exploration fails while a marker exists
     (tmp_path / "train-fails-once").touch()
     wrap_command(root, "train", FAIL, "once", tmp_path / "train-fails-once", retry_count=1)
