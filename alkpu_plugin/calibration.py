@@ -31,7 +31,7 @@ from .kalman import read_meta
 __all__ = ["fit", "fit_power", "fit_forces", "FORMS", "fit_virial", "predicted_sq_error", "conformal_quantile", "interval_coverage",
            "calibration_path", "load_calibration", "save_calibration", "deciles",
            "calibrate", "force_errors", "virial_errors", "CalibrationError", "fitted_kpu_max",
-           "beyond_calibration"]
+           "beyond_calibration", "EXTRAPOLATION_FACTOR"]
 
 
 def fit(atom_kpu: np.ndarray, sq_error: np.ndarray) -> dict:
@@ -104,6 +104,11 @@ def fit_forces(atom_kpu: np.ndarray, sq_error: np.ndarray, form: str = "power") 
     return {**power, **reach, "line": line}
 
 
+#: frames whose largest atomic KPU exceeds this many times the calibration's largest count as
+#: beyond its range (the default of ``kpu/extrapolation`` and what ``alkpu kpu`` reports)
+EXTRAPOLATION_FACTOR = 2.0
+
+
 def fitted_kpu_max(calibration: dict) -> float | None:
     """The largest atomic KPU among the atoms the calibration was fitted on (``"kpu_max"``; from
     the deciles for a calibration saved without it), or None when it does not say."""
@@ -119,7 +124,8 @@ def beyond_calibration(calibration: dict, atom_kpu: np.ndarray, factor: float) -
 
     There the calibrated sigma is an extrapolation of a fit made on the training frames, and it
     under-predicts: in the demo's first model (fitted at 300 K) frames beyond twice the fitted
-    KPU had a largest atomic force error 3-10 times their largest sigma (docs/benchmarks.md).
+    KPU had a largest atomic force error 5-13 times their largest sigma (round medians;
+    docs/benchmarks.md).
     All False when ``factor`` is 0 or the calibration does not say its range.
     """
     kpu = np.asarray(atom_kpu, dtype=np.float64)

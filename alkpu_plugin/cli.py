@@ -154,9 +154,10 @@ def cmd_kpu(args) -> int:
         first = next(i for i, reason in enumerate(result.domain) if reason)
         print(f"  e.g. step {int(result.steps[first])}: {result.domain[first]}")
     if result.calibration:
-        from .calibration import beyond_calibration
+        from .calibration import EXTRAPOLATION_FACTOR, beyond_calibration
 
-        beyond = int((beyond_calibration(result.calibration, result.atom_kpu, 2.0) & ~result.out_of_domain).sum())
+        beyond = int((beyond_calibration(result.calibration, result.atom_kpu, EXTRAPOLATION_FACTOR)
+                      & ~result.out_of_domain).sum())
         if beyond:
             print(f"  {beyond} frame(s) with an atom's KPU beyond twice the largest the calibration was fitted on: "
                   "their sigma is an extrapolation and likely too low (alkpu run counts them as candidates)")

@@ -60,12 +60,12 @@ def audit(work: Path) -> dict:
     from deepmd.infer import DeepPot
 
     from alkpu_plugin.calibration import beyond_calibration
-    from alkpu_plugin.dpgen.extrapolation import trust_lo
+    from alkpu_plugin.dpgen.extrapolation import factor_of, trust_lo
     from alkpu_plugin.kpu_engine import KPUResult
 
     param = json.loads((work / "param.json").read_text())
     kpu_keys = param.get("kpu", param.get("alkpu", {}).get("kpu", {}))
-    factor = float(kpu_keys.get("extrapolation", 2.0))
+    factor = factor_of(kpu_keys)
     rounds = []
     for it_dir in sorted(work.glob("iter.*")):
         ii = int(it_dir.name.split(".")[1])

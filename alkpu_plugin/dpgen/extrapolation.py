@@ -46,8 +46,15 @@ def trust_lo(ii: int, jdata: dict, system: int) -> float:
     return float(value)
 
 
+def factor_of(kpu: dict) -> float:
+    """``kpu/extrapolation`` (0: the rule is off)."""
+    from ..calibration import EXTRAPOLATION_FACTOR
+
+    return float(kpu.get("extrapolation", EXTRAPOLATION_FACTOR))
+
+
 def applies(jdata: dict, kpu: dict) -> bool:
-    return (bool(kpu.get("extrapolation", 2.0)) and kpu.get("trust", "calibrated") == "calibrated"
+    return (bool(factor_of(kpu)) and kpu.get("trust", "calibrated") == "calibrated"
             and not kpu.get("select_hook") and not jdata.get("model_devi_adapt_trust_lo", False))
 
 
@@ -60,7 +67,7 @@ def raise_beyond_calibration(ii: int, jdata: dict, kpu: dict, explore_dir: Path)
 
     if not applies(jdata, kpu):
         return 0
-    factor = float(kpu.get("extrapolation", 2.0))
+    factor = factor_of(kpu)
     raised = 0
     for task in sorted(Path(explore_dir).glob("task.*")):
         detail = task / "kpu.npz"

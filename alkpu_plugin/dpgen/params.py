@@ -29,6 +29,7 @@ from typing import Any
 
 from dargs import Argument
 
+from ..calibration import EXTRAPOLATION_FACTOR
 from ..deepmd_tf.schema import rlekf_arguments
 
 __all__ = ["AlkpuSettings", "ParamError", "split_param", "separate", "kpu_problems", "check_dpgen_schema",
@@ -118,7 +119,7 @@ def kpu_arguments() -> list[Argument]:
         Argument("rows_per_pass", [int, None], optional=True, default=None,
                  extra_check=lambda x: x is None or x > 0, extra_check_errmsg="rows_per_pass must be positive",
                  doc="Force components per graph evaluation; default: as many as memory_limit allows."),
-        Argument("extrapolation", [int, float], optional=True, default=2.0,
+        Argument("extrapolation", [int, float], optional=True, default=EXTRAPOLATION_FACTOR,
                  extra_check=lambda x: x == 0 or x >= 1,
                  extra_check_errmsg="extrapolation must be 0 (off) or >= 1",
                  doc='With trust "calibrated": an explored frame whose largest atomic KPU exceeds this '
