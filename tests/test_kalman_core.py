@@ -94,8 +94,8 @@ def blockdiag_rlekf(w_flat, Ps, blocks, lam, nu, H, innov):
     return w_new, P_new, nu * lam + 1 - nu
 
 
-def run_core(layout, weights, xs, ys, options):
-    kf = KalmanFilter(layout, options)
+def run_core(layout, weights, xs, ys, options, **kw):
+    kf = KalmanFilter(layout, options, **kw)
     flat = layout.pack(weights)
     for x, y in zip(xs, ys):
         wts = layout.unpack(flat)
@@ -131,15 +131,17 @@ def test_single_block_equals_dense_ekffm():
     assert err1 < 0.5 * err0
 
 
-@pytest.mark.parametrize("blocksize", [5, 8, 20])
-def test_blocks_equal_hand_built_block_diagonal(blocksize):
+@pytest.mark.parametrize("blocksize, defer", [(5, 16), (8, 16), (20, 16), (8, 1), (8, 3), (8, 64)])
+def test_blocks_equal_hand_built_block_diagonal(blocksize, defer):
+    """Downdates applied at once (defer 1) or deferred (16 by default, 64 > the 40 updates)."""
     rng = np.random.default_rng(2)
     weights = init_weights(rng)
     xs, ys = data(40, rng)
     layout = BlockLayout.build(SHAPES, blocksize)
     assert len(layout.blocks) > 1
     opts = FilterOptions(lambda1=0.97, nu=0.99, p0=0.3)
-    kf, flat = run_core(layout, weights, xs, ys, opts)
+    kf, flat = run_core(layout, weights, xs, ys, opts, defer=defer)
+    assert kf._npending == 40 % defer  # downdates still pending: kf.block() applies them
 
     w = layout.pack(weights)
     Ps = [0.3 * np.eye(b - a) for a, b in layout.blocks]
@@ -261,6 +263,11 @@ def test_state_roundtrip_and_refusal(tmp_path):
     # continuing from the loaded state == continuing the original
     H = rng.normal(size=layout.n)
     np.testing.assert_array_equal(kf.update(H, 0.3), kf2.update(H, 0.3))
+    # a state saved with downdates pending holds them applied
+    assert kf._npending > 0
+    P = kf.dense()
+    kf3, _ = load_state(save_state(tmp_path / "s.kalman.npz", kf), layout)
+    np.testing.assert_allclose(kf3.dense(), P, rtol=0, atol=1e-15 * np.abs(P).max())
     # another model's layout is refused with a message naming the difference
     other = BlockLayout.build(SHAPES[:-1] + [("b3", (2,))], 8)
     with pytest.raises(LayoutMismatchError, match="does not belong to this model: tensor b3 has shape"):

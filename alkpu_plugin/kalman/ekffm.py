@@ -9,14 +9,21 @@ For a scalar measurement with gradient H (length n) and innovation
     P_l  = (P_l - A K_l K_l^T) / lambda
     lambda <- nu * lambda + 1 - nu
 
-Implementation notes (the update is memory-bandwidth bound: every entry of P
-is read and written once per update):
+Implementation notes (the update is memory-bandwidth bound: its cost is the
+passes it makes over P):
 
 * each block is stored as ``P_l = scale * S_l`` with one shared scalar
   ``scale``: the division by lambda is a scalar operation, not a pass over P;
 * S_l is symmetric and only its upper triangle is kept valid: K_l comes from
-  BLAS ``symv`` and the rank-one downdate is an in-place BLAS ``syr``
-  (each touches half of the block);
+  BLAS ``symv`` (which reads half of the block);
+* the rank-one downdates are deferred: the filter keeps
+  ``S_l^eff = S_l - sum_j c_j v_lj v_lj^T`` with up to ``defer`` pending
+  vectors, computes ``S_l^eff H_l`` as ``symv`` minus the pending terms
+  (O(n defer)), and applies them together as one in-place BLAS ``syrk`` (one
+  read and write of the upper triangle) when ``defer`` are pending or P is
+  read. The result is the same update in another order of the same sums
+  (round-off apart); an update then costs about half a pass over P instead of
+  one and a half (symv plus an immediate ``syr``);
 * the gradient and weights are float64; P is float64 by default, float32 on
   request (the scalars A, lambda and scale are always float64).
 
@@ -58,8 +65,8 @@ from .layout import BlockLayout
 __all__ = ["KalmanFilter", "FilterOptions", "KalmanNumericsWarning"]
 
 _BLAS = {
-    np.dtype(np.float64): (blas.dsymv, blas.dsyr, blas.dsymm, blas.dscal),
-    np.dtype(np.float32): (blas.ssymv, blas.ssyr, blas.ssymm, blas.sscal),
+    np.dtype(np.float64): (blas.dsymv, blas.dsyrk, blas.dsymm, blas.dscal),
+    np.dtype(np.float32): (blas.ssymv, blas.ssyrk, blas.ssymm, blas.sscal),
 }
 _POTRF = {np.dtype(np.float64): lapack.dpotrf, np.dtype(np.float32): lapack.spotrf}
 _TRI = {  # for a factorised P: triangular matrix-vector / matrix-matrix products
@@ -79,6 +86,9 @@ _CHECK_PER_WEIGHT = 10
 _CHECK_MIN = 100
 # a downdate that removes more than this times the block's trace proves it indefinite
 _TRACE_SLACK = 1.01
+# rank-one downdates kept pending before one syrk applies them: a rank-16 syrk
+# costs about one rank-one syr (both are bound by the pass over P)
+DEFER = 16
 
 
 class KalmanNumericsWarning(RuntimeWarning):
@@ -116,6 +126,9 @@ class KalmanFilter:
         Which weights form which block.
     options
         lambda_1, nu, p0 and the storage type of P.
+    defer
+        Rank-one downdates kept pending before they are applied together
+        (module notes); 1 applies each at once.
     """
 
     def __init__(
@@ -124,15 +137,25 @@ class KalmanFilter:
         options: FilterOptions | None = None,
         *,
         check_every: int | None = None,
+        defer: int = DEFER,
     ):
         self.layout = layout
         self.options = options or FilterOptions()
         self.dtype = np.dtype(self.options.p_dtype)
-        self._symv, self._syr, self._symm, self._scal = _BLAS[self.dtype]
+        self._symv, self._syrk, self._symm, self._scal = _BLAS[self.dtype]
         # S_l in Fortran order so that BLAS works in place on them
-        self.blocks: list[np.ndarray] = [
+        self._blocks: list[np.ndarray] = [
             np.asfortranarray(np.eye(m, dtype=self.dtype)) for m in layout.block_sizes
         ]
+        if int(defer) < 1:
+            raise ValueError(f"defer must be >= 1, got {defer}")
+        self.defer = int(defer)
+        # pending downdates: S_l^eff = S_l - sum_j c_j V_l[:, j] V_l[:, j]^T, j < _npending
+        self._pending_c = np.zeros(self.defer)
+        self._pending_v: list[np.ndarray] = [
+            np.zeros((m, self.defer), dtype=self.dtype, order="F") for m in layout.block_sizes
+        ]
+        self._npending = 0
         self.scale = float(self.options.p0)
         self.lam = float(self.options.lambda1)
         self.nupdates = 0
@@ -158,6 +181,38 @@ class KalmanFilter:
         self.last_update: dict = {}  # the terms of the newest update (see update())
         self._traces: list[float] = [0.0] * len(self.blocks)
         self._trace_src: list[np.ndarray | None] = [None] * len(self.blocks)
+
+    # ------------------------------------------------------- stored blocks
+    @property
+    def blocks(self) -> list[np.ndarray]:
+        """The blocks S_l (P_l = scale * S_l, upper triangles), pending downdates applied."""
+        self.flush()
+        return self._blocks
+
+    def flush(self) -> None:
+        """Apply the pending rank-one downdates to the stored blocks (one ``syrk`` per block)."""
+        k = self._npending
+        if not k:
+            return
+        for i, S in enumerate(self._blocks):
+            # S <- S - W W^T  (upper triangle, in place)
+            self._syrk(-1.0, self._pending_factor(i), beta=1.0, c=S, trans=0, lower=0, overwrite_c=1)
+        self._npending = 0
+
+    def _pending_factor(self, index: int) -> np.ndarray:
+        """W with W W^T = sum_j c_j v_j v_j^T over the pending downdates of block ``index``."""
+        k = self._npending
+        root = np.sqrt(self._pending_c[:k]).astype(self.dtype)
+        return np.asfortranarray(self._pending_v[index][:, :k] * root)
+
+    def _sv(self, index: int, h: np.ndarray) -> np.ndarray:
+        """``S_l^eff h`` for block ``index``: symv with the stored block minus the pending terms."""
+        v = self._symv(1.0, self._blocks[index], h)
+        k = self._npending
+        if k:
+            V = self._pending_v[index][:, :k]
+            v -= V @ (self._pending_c[:k].astype(self.dtype) * (h @ V))
+        return v
 
     # ------------------------------------------------------------------ update
     def update(self, H: np.ndarray, innovation: float) -> np.ndarray:
@@ -191,9 +246,9 @@ class KalmanFilter:
         hs: list[np.ndarray] = []
         vs: list[np.ndarray] = []
         qs: list[float] = []
-        for i, ((a, b), S) in enumerate(zip(self.layout.blocks, self.blocks)):
+        for i, (a, b) in enumerate(self.layout.blocks):
             h = H[a:b].astype(self.dtype, copy=False)
-            v = self._symv(1.0, S, h)  # S_l H_l (upper triangle)
+            v = self._sv(i, h)  # S_l H_l (upper triangle, pending downdates)
             q = float(np.dot(h, v))
             if not guard:
                 pass
@@ -202,28 +257,29 @@ class KalmanFilter:
                           if np.isfinite(q) else "H^T P H is not finite")
                 v, q = self._repair_and_redo(i, t, reason, h)
             else:
-                floor = self.tolerance[i] * self._trace(i) / S.shape[0]  # n eps mean eigenvalue
+                floor = self.tolerance[i] * self._trace(i) / h.shape[0]  # n eps mean eigenvalue
                 if q < floor * float(np.dot(h, h)):
                     # h probes a direction where P is below the resolution of its type; a
                     # round-off negative eigenvalue there would grow at every such update.
                     # Add floor * I to S_l first (process noise on this block; O(n)).
+                    S = self._blocks[i]
                     S.flat[:: S.shape[0] + 1] += floor
                     self._traces[i] += floor * S.shape[0]
                     self.floor_events += 1
-                    v = self._symv(1.0, S, h)
+                    v = self._sv(i, h)
                     q = max(float(np.dot(h, v)), 0.0)
             hs.append(h)
             vs.append(v)
             qs.append(q)
         lam = self.lam
         s = self.scale
-        A = 1.0 / (len(self.blocks) * lam + s * sum(qs))
+        A = 1.0 / (len(self._blocks) * lam + s * sum(qs))
         # For a semidefinite S_l the downdate removes A s |v_l|^2 <= |v_l|^2 / q_l
         # <= lambda_max(S_l) <= trace(S_l). More than the trace: S_l is indefinite
         # and the downdate would blow the negative part up; repair it first.
         vv = [float(np.dot(v, v)) for v in vs]
         redo = False
-        for i in range(len(self.blocks) if guard else 0):
+        for i in range(len(self._blocks) if guard else 0):
             removal = A * s * vv[i]
             if removal > _TRACE_SLACK * self._trace(i):
                 reason = (f"the update would remove {removal:.3g} from a block whose trace is "
@@ -232,17 +288,22 @@ class KalmanFilter:
                 vv[i] = float(np.dot(vs[i], vs[i]))
                 redo = True
         if redo:
-            A = 1.0 / (len(self.blocks) * lam + s * sum(qs))
+            A = 1.0 / (len(self._blocks) * lam + s * sum(qs))
         # the terms of this update, for diagnostics: noise L*lambda, H^T P H, the gain factor A
-        self.last_update = {"noise": len(self.blocks) * lam, "hph": s * sum(qs), "A": A,
+        self.last_update = {"noise": len(self._blocks) * lam, "hph": s * sum(qs), "A": A,
                             "hph_blocks": [s * q for q in qs]}
         delta = np.empty(self.layout.n, dtype=np.float64)
         coef = A * float(innovation) * s
-        for i, ((a, b), S, v) in enumerate(zip(self.layout.blocks, self.blocks, vs)):
+        k = self._npending
+        self._pending_c[k] = A * s
+        for i, ((a, b), v) in enumerate(zip(self.layout.blocks, vs)):
             delta[a:b] = coef * v
-            # S <- S - A s v v^T  (in place, upper triangle);  P = s S
-            self._syr(-A * s, v, a=S, overwrite_a=1)
+            # S <- S - A s v v^T (P = s S), pending until flush()
+            self._pending_v[i][:, k] = v
             self._traces[i] -= A * s * vv[i]
+        self._npending = k + 1
+        if self._npending == self.defer:
+            self.flush()
         self.scale = s / lam
         self.lam = self.options.nu * lam + 1.0 - self.options.nu
         self.nupdates += 1
@@ -261,14 +322,12 @@ class KalmanFilter:
         ``-tol * max(diag S)``; non-finite entries count as indefinite.
         Costs n^3/3 flops.
         """
-        S = self.blocks[index]
         if self.factored[index]:
             return False  # a Cholesky factor: U^T U is semidefinite by construction
-        d = np.diagonal(S)
-        dmax = float(d.max())
+        C = self._effective(index)
+        dmax = float(np.diagonal(C).max())
         if not np.isfinite(dmax) or dmax <= 0.0:
             return True
-        C = np.array(S, order="F", copy=True)
         C.flat[:: C.shape[0] + 1] += self.tolerance[index] * dmax
         _, info = _POTRF[self.dtype](C, lower=0, clean=0, overwrite_a=1)
         return info != 0
@@ -277,8 +336,16 @@ class KalmanFilter:
         """True when a Cholesky factorisation of block ``index`` (a copy) succeeds."""
         if self.factored[index]:
             return True
-        _, info = _POTRF[self.dtype](self.blocks[index], lower=0, clean=0, overwrite_a=0)
+        _, info = _POTRF[self.dtype](self._effective(index), lower=0, clean=0, overwrite_a=1)
         return info == 0
+
+    def _effective(self, index: int) -> np.ndarray:
+        """A copy of block ``index`` with the pending downdates applied (the stored one is left as it is)."""
+        C = np.array(self._blocks[index], order="F", copy=True)
+        k = self._npending
+        if self._npending:
+            self._syrk(-1.0, self._pending_factor(index), beta=1.0, c=C, trans=0, lower=0, overwrite_c=1)
+        return C
 
     def check_block(self, index: int) -> bool:
         """Test block ``index`` (:meth:`indefinite`) and repair it if needed; True if repaired."""
@@ -348,9 +415,14 @@ class KalmanFilter:
         self.scale = 1.0
 
     def _trace(self, index: int) -> float:
-        S = self.blocks[index]
+        S = self._blocks[index]
         if self._trace_src[index] is not S:
-            self._traces[index] = float(np.diagonal(S).sum(dtype=np.float64))
+            trace = float(np.diagonal(S).sum(dtype=np.float64))
+            k = self._npending
+            if k:  # the trace of S^eff: minus c_j |v_j|^2 of the pending downdates
+                V = self._pending_v[index][:, :k].astype(np.float64)
+                trace -= float(self._pending_c[:k] @ np.einsum("ij,ij->j", V, V))
+            self._traces[index] = trace
             self._trace_src[index] = S
         return self._traces[index]
 
