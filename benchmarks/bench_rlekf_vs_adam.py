@@ -23,7 +23,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_rlekf_vs_adam.py --rlekf-opt force_normaliser=none --trace \
         --system CuNi --size 3 --outdir benchmarks/out/rlekf_vs_adam_cuni108
 
-``--rlekf-opt KEY=VALUE[,KEY=VALUE]`` (repeatable) adds an RLEKF run with those ``optimizer``
+``--fitting 240,240,240`` sets the fitting net (DP-GEN's usual size); ``--rlekf-opt KEY=VALUE[,KEY=VALUE]`` (repeatable) adds an RLEKF run with those ``optimizer``
 keys beside the one with the defaults; ``--system CuNi`` makes half of the sites Ni (the same
 nets per type); ``--size`` sets the fcc repeats per side (2: 32 atoms, 3: 108); ``--trace``
 writes each RLEKF run's per-update trace (``ALKPU_RLEKF_TRACE``) to its ``trace.jsonl``;
@@ -68,9 +68,11 @@ SYSTEMS = {
 }
 
 
-def model_for(system: str) -> dict:
-    """The Cu model above; for two species the same nets per type."""
+def model_for(system: str, fitting: list[int] | None = None) -> dict:
+    """The Cu model above (with ``fitting`` as the fitting net's neurons); for two species the same nets per type."""
     model = json.loads(json.dumps(MODEL))
+    if fitting:
+        model["fitting_net"]["neuron"] = list(fitting)
     types = SYSTEMS[system]["type_map"]
     model["type_map"] = types
     total = model["descriptor"]["sel"][0]
@@ -168,9 +170,10 @@ def make_data(datadir: Path, ntrain: int, nvalid: int, temperature: float,
 
 
 def make_input(datadir: Path, optimizer: dict, steps: int, disp_freq: int,
-               decay_steps: int, nvalid: int, seed: int, system: str = "Cu") -> dict:
+               decay_steps: int, nvalid: int, seed: int, system: str = "Cu",
+               fitting: list[int] | None = None) -> dict:
     return {
-        "model": model_for(system),
+        "model": model_for(system, fitting),
         "learning_rate": {"type": "exp", "start_lr": 0.001, "stop_lr": 3e-5, "decay_steps": decay_steps},
         "optimizer": optimizer,
         "loss": dict(LOSS),
@@ -508,6 +511,8 @@ def main(argv=None) -> int:
     ap.add_argument("--system", choices=sorted(SYSTEMS), default="Cu",
                     help="Cu, or CuNi: half of the sites Ni, the same nets per type")
     ap.add_argument("--size", type=int, default=2, help="fcc cell repeats per side (2: 32 atoms, 3: 108)")
+    ap.add_argument("--fitting", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                    metavar="N,N,N", help="fitting net neurons (default 50,50,50; DP-GEN's examples use 240,240,240)")
     ap.add_argument("--rlekf-opt", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="one more RLEKF run with these optimizer keys (repeatable)")
     ap.add_argument("--trace", action="store_true",
@@ -547,7 +552,8 @@ def main(argv=None) -> int:
     inputs: dict = {}
     for name, (opt, steps) in plans.items():
         disp = max(1, steps // args.points)
-        jdata = make_input(out / "data", opt, steps, disp, decay_steps, args.nvalid, args.seed, args.system)
+        jdata = make_input(out / "data", opt, steps, disp, decay_steps, args.nvalid, args.seed, args.system,
+                           args.fitting)
         inputs[name] = jdata
         workdir = out / name.replace(":", "_").replace("=", "_").replace(",", "-")
         reuse = args.reparse or (args.only and name not in args.only)
@@ -590,7 +596,8 @@ def main(argv=None) -> int:
             "time_to_target_half_of_adam": bool(ttt_r["reached"] and ttt_r["wall_s"] <= 0.5 * ttt_a["wall_s"]),
         }
     natoms = data_spec.get("natoms", 32)
-    title = (f"dp train, {args.system} {natoms} atoms (EMT), se_e2_a [25,50,100] + fitting [50,50,50], batch 1")
+    fitting = ",".join(str(n) for n in (args.fitting or MODEL["fitting_net"]["neuron"]))
+    title = (f"dp train, {args.system} {natoms} atoms (EMT), se_e2_a [25,50,100] + fitting [{fitting}], batch 1")
     report = {
         "benchmark": "RLEKF vs Adam, dp train (DeePMD-kit TF backend)",
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -598,6 +605,7 @@ def main(argv=None) -> int:
         "settings": {
             "adam_steps": adam_steps, "rlekf_steps": rlekf_steps, "quick": args.quick,
             "reparse_only": args.reparse, "only": args.only, "system": args.system, "size": args.size,
+            "fitting": args.fitting or MODEL["fitting_net"]["neuron"],
             "decay_steps": decay_steps, "blocksize": args.blocksize, "seed": args.seed,
             "data": data_spec, "env": env, "inputs": inputs,
             "validation_note": (
