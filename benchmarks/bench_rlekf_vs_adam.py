@@ -23,7 +23,7 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_rlekf_vs_adam.py --rlekf-opt force_normaliser=none --trace \
         --system CuNi --size 3 --outdir benchmarks/out/rlekf_vs_adam_cuni108
 
-``--fitting 240,240,240`` sets the fitting net (DP-GEN's usual size); ``--rlekf-opt KEY=VALUE[,KEY=VALUE]`` (repeatable) adds an RLEKF run with those ``optimizer``
+``--fitting 240,240,240`` and ``--axis-neuron 12`` set DP-GEN's usual model size; ``--rlekf-opt KEY=VALUE[,KEY=VALUE]`` (repeatable) adds an RLEKF run with those ``optimizer``
 keys beside the one with the defaults; ``--system CuNi`` makes half of the sites Ni (the same
 nets per type); ``--size`` sets the fcc repeats per side (2: 32 atoms, 3: 108); ``--trace``
 writes each RLEKF run's per-update trace (``ALKPU_RLEKF_TRACE``) to its ``trace.jsonl``;
@@ -68,11 +68,14 @@ SYSTEMS = {
 }
 
 
-def model_for(system: str, fitting: list[int] | None = None) -> dict:
-    """The Cu model above (with ``fitting`` as the fitting net's neurons); for two species the same nets per type."""
+def model_for(system: str, fitting: list[int] | None = None, axis_neuron: int | None = None) -> dict:
+    """The Cu model above (with ``fitting`` as the fitting net's neurons and ``axis_neuron``);
+    for two species the same nets per type."""
     model = json.loads(json.dumps(MODEL))
     if fitting:
         model["fitting_net"]["neuron"] = list(fitting)
+    if axis_neuron:
+        model["descriptor"]["axis_neuron"] = int(axis_neuron)
     types = SYSTEMS[system]["type_map"]
     model["type_map"] = types
     total = model["descriptor"]["sel"][0]
@@ -171,9 +174,9 @@ def make_data(datadir: Path, ntrain: int, nvalid: int, temperature: float,
 
 def make_input(datadir: Path, optimizer: dict, steps: int, disp_freq: int,
                decay_steps: int, nvalid: int, seed: int, system: str = "Cu",
-               fitting: list[int] | None = None) -> dict:
+               fitting: list[int] | None = None, axis_neuron: int | None = None) -> dict:
     return {
-        "model": model_for(system, fitting),
+        "model": model_for(system, fitting, axis_neuron),
         "learning_rate": {"type": "exp", "start_lr": 0.001, "stop_lr": 3e-5, "decay_steps": decay_steps},
         "optimizer": optimizer,
         "loss": dict(LOSS),
@@ -513,6 +516,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=2, help="fcc cell repeats per side (2: 32 atoms, 3: 108)")
     ap.add_argument("--fitting", type=lambda t: [int(x) for x in t.split(",")], default=None,
                     metavar="N,N,N", help="fitting net neurons (default 50,50,50; DP-GEN's examples use 240,240,240)")
+    ap.add_argument("--axis-neuron", type=int, default=None, help="descriptor axis_neuron (default 16)")
     ap.add_argument("--rlekf-opt", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="one more RLEKF run with these optimizer keys (repeatable)")
     ap.add_argument("--trace", action="store_true",
@@ -553,7 +557,7 @@ def main(argv=None) -> int:
     for name, (opt, steps) in plans.items():
         disp = max(1, steps // args.points)
         jdata = make_input(out / "data", opt, steps, disp, decay_steps, args.nvalid, args.seed, args.system,
-                           args.fitting)
+                           args.fitting, args.axis_neuron)
         inputs[name] = jdata
         workdir = out / name.replace(":", "_").replace("=", "_").replace(",", "-")
         reuse = args.reparse or (args.only and name not in args.only)
@@ -606,6 +610,7 @@ def main(argv=None) -> int:
             "adam_steps": adam_steps, "rlekf_steps": rlekf_steps, "quick": args.quick,
             "reparse_only": args.reparse, "only": args.only, "system": args.system, "size": args.size,
             "fitting": args.fitting or MODEL["fitting_net"]["neuron"],
+            "axis_neuron": args.axis_neuron or MODEL["descriptor"]["axis_neuron"],
             "decay_steps": decay_steps, "blocksize": args.blocksize, "seed": args.seed,
             "data": data_spec, "env": env, "inputs": inputs,
             "validation_note": (
