@@ -17,10 +17,11 @@ Rules
   in the requested ``p_dtype``, is within the limit (with no limit: the
   default blocksize, 5120).  A blocksize at least as large as the weight count
   gives one layout, so candidates above it are equivalent.
-* Cost estimate: every Kalman update reads and writes each entry of P once
-  (ALGORITHMS.md section 2), so one training step (one energy update and
-  ``force_updates`` force updates) moves about ``bytes(P) * (1 +
-  force_updates)`` bytes.  At :data:`BANDWIDTH` (about 30 GB/s, a memory
+* Cost estimate: every Kalman update reads the upper triangle of P once (a
+  ``symv``, half of bytes(P)) and, once every :data:`~.ekffm.DEFER` updates,
+  reads and writes it to apply the deferred downdates (:mod:`.ekffm`): about
+  :data:`PASSES_PER_UPDATE` x bytes(P) per update, and ``1 + force_updates``
+  updates per training step.  At :data:`BANDWIDTH` (about 30 GB/s, a memory
   bandwidth figure for this kind of machine) that gives the estimated Kalman
   time per step.  It is a lower bound: the BLAS level-2 update does not reach
   full memory bandwidth (docs/memory.md has measured rates), and the
@@ -34,6 +35,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .ekffm import DEFER
 from .layout import BlockLayout
 
 __all__ = [
@@ -59,6 +61,9 @@ DEFAULT_BLOCKSIZE = 5120
 ITEMSIZE = {"float64": 8, "float32": 4}
 #: memory bandwidth assumed by the cost estimate, bytes per second
 BANDWIDTH = 30e9
+# bytes(P) moved per Kalman update: half of P read by symv, and a read and write of
+# that half once every DEFER updates
+PASSES_PER_UPDATE = 0.5 + 1.0 / DEFER
 
 GB = 1e9
 
@@ -149,8 +154,8 @@ class PBudget:
 
     @property
     def seconds_per_update(self) -> float:
-        """Estimated time of one Kalman update: bytes(P) / :data:`BANDWIDTH`."""
-        return self.p_bytes / BANDWIDTH
+        """Estimated time of one Kalman update: PASSES_PER_UPDATE x bytes(P) / :data:`BANDWIDTH`."""
+        return PASSES_PER_UPDATE * self.p_bytes / BANDWIDTH
 
     @property
     def seconds_per_step(self) -> float:
@@ -164,7 +169,7 @@ class PBudget:
             f"P {self.p_gb:.3f} GB ({self.n_weights} weights, {self.nblocks} blocks, blocksize "
             f"{self.blocksize}, {self.p_dtype}; {limit}, {self.limit_source}); Kalman updates "
             f"estimated at >= {self.seconds_per_step:.2f} s per step ({1 + self.force_updates} updates, "
-            f"each reading and writing P once at ~{BANDWIDTH / GB:.0f} GB/s)"
+            f"each moving {PASSES_PER_UPDATE:.2g} x P at ~{BANDWIDTH / GB:.0f} GB/s)"
         )
 
 
@@ -263,7 +268,7 @@ def plan_p(
             f"{budget.n_weights} weights at {key_prefix}blocksize {budget.blocksize} in {p_dtype}, "
             f"over the limit of {limit / GB:.3g} GB ({source}). "
             f"{_advice(tensors, limit, key_prefix)} At this setting each training step would move "
-            f"about {budget.p_gb * (1 + budget.force_updates):.3g} GB through the Kalman updates "
+            f"about {PASSES_PER_UPDATE * budget.p_gb * (1 + budget.force_updates):.3g} GB through the Kalman updates "
             f"(estimated >= {budget.seconds_per_step:.2g} s at {BANDWIDTH / GB:.0f} GB/s)."
         )
     return budget
