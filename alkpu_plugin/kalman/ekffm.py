@@ -160,7 +160,7 @@ class KalmanFilter:
         self.lam = float(self.options.lambda1)
         self.nupdates = 0
         # per block: True once S_l holds its Cholesky factor U_l (S_l = U_l^T U_l), see factorize()
-        self.factored: list[bool] = [False] * len(self.blocks)
+        self.factored: list[bool] = [False] * len(self._blocks)
         # numerical safeguards: tolerance n_l * eps per block, periodic test interval
         eps = float(np.finfo(self.dtype).eps)
         self.tolerance: list[float] = [m * eps for m in layout.block_sizes]
@@ -169,7 +169,7 @@ class KalmanFilter:
         else:
             if int(check_every) < 0:
                 raise ValueError(f"check_every must be >= 0 (0: no periodic test), got {check_every}")
-            self.check_interval = [int(check_every)] * len(self.blocks)
+            self.check_interval = [int(check_every)] * len(self._blocks)
         #: one dict per repair: update, block, reason, min_eig_ratio, action
         self.repairs: list[dict] = []
         #: updates at which a block got its resolution floor added (see update())
@@ -179,8 +179,8 @@ class KalmanFilter:
         # trace of each S_l, kept up to date by the updates; recomputed whenever the
         # block array is not the one it was computed from (e.g. set by load_state)
         self.last_update: dict = {}  # the terms of the newest update (see update())
-        self._traces: list[float] = [0.0] * len(self.blocks)
-        self._trace_src: list[np.ndarray | None] = [None] * len(self.blocks)
+        self._traces: list[float] = [0.0] * len(self._blocks)
+        self._trace_src: list[np.ndarray | None] = [None] * len(self._blocks)
 
     # ------------------------------------------------------- stored blocks
     @property
@@ -357,12 +357,12 @@ class KalmanFilter:
 
     def check(self) -> list[int]:
         """Test every block now, repair those that need it; returns their indices."""
-        return [i for i in range(len(self.blocks)) if self.check_block(i)]
+        return [i for i in range(len(self._blocks)) if self.check_block(i)]
 
     def _repair_and_redo(self, index: int, update: int, reason: str, h: np.ndarray) -> tuple[np.ndarray, float]:
         """Repair block ``index``; its S h and h^T S h again."""
         self._repair(index, update, reason)
-        v = self._symv(1.0, self.blocks[index], h)
+        v = self._sv(index, h)
         return v, max(float(np.dot(h, v)), 0.0)
 
     def _repair(self, index: int, update: int, reason: str) -> None:
@@ -513,4 +513,4 @@ class KalmanFilter:
 
     @property
     def nbytes(self) -> int:
-        return int(sum(S.nbytes for S in self.blocks))
+        return int(sum(S.nbytes for S in self._blocks))
