@@ -60,7 +60,7 @@ def test_rlekf_trains_to_a_small_force_error(cu_data, tmp_path):
     assert meta["nupdates"] == 300 * 5  # one energy + 4 force updates per step
     assert meta["extra"]["step"] == 300
     assert meta["layout"]["blocksize"] == 1024
-    expected_lam = 1 - (1 - 0.98) * 0.9987 ** 1500
+    expected_lam = 1 - (1 - 0.95) * 0.997 ** 1500  # the defaults kalman_lambda 0.95, kalman_nue 0.997
     assert meta["lambda"] == pytest.approx(expected_lam, rel=1e-12)
     # the per-update trace: one energy and four force updates per step, the filter's own terms
     rows = [json.loads(line) for line in trace.read_text().splitlines()]

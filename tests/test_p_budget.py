@@ -77,6 +77,39 @@ def test_plan_reports_size_and_step_cost():
     assert auto.blocksize == 10240  # every candidate >= 39 gives the one 39 x 39 block
 
 
+def test_auto_p_dtype_is_float64_up_to_its_threshold(monkeypatch):
+    entries = BlockLayout.build(TENSORS, 16).nbytes_p  # 537 entries, 4296 bytes in float64
+    # a P at the threshold stays float64; one entry more goes to float32
+    monkeypatch.setattr(budget, "AUTO_FLOAT64_MAX", 8 * entries)
+    assert plan_p(TENSORS, 16, "auto", limit_gb=1.0).p_dtype == "float64"
+    monkeypatch.setattr(budget, "AUTO_FLOAT64_MAX", 8 * entries - 1)
+    plan = plan_p(TENSORS, 16, "auto", limit_gb=1.0)
+    assert plan.p_dtype == "float32" and plan.p_bytes == 4 * entries
+    # a float64 P over the limit but under the threshold: float32, which fits
+    monkeypatch.setattr(budget, "AUTO_FLOAT64_MAX", 10**9)
+    plan = plan_p(TENSORS, 16, "auto", limit_gb=(8 * entries - 1) / 1e9)
+    assert plan.p_dtype == "float32"
+    # "auto" blocksize with "auto" p_dtype: the largest blocksize whose float32 P fits
+    limit = p_bytes(TENSORS, 39, "float32")
+    plan = plan_p(TENSORS, "auto", "auto", limit_gb=limit / 1e9)
+    assert plan.blocksize == 10240 and plan.p_dtype == "float32" and plan.p_bytes == limit
+    # nothing fits even in float32: the error lists the settings that do
+    with pytest.raises(PMemoryError, match="float32"):
+        plan_p(TENSORS, 39, "auto", limit_gb=(limit - 1) / 1e9)
+    with pytest.raises(ValueError, match='"auto"'):
+        plan_p(TENSORS, 16, "float16")
+
+
+def test_auto_p_dtype_of_real_model_sizes():
+    # the threshold between Cu-32's model at blocksize 1024 (0.74 GB in float64) and the
+    # DP-GEN-size one (3.35 GB): the first stays float64, the second is float32
+    assert budget.resolve_p_dtype(740_600_000 // 8) == "float64"
+    assert budget.resolve_p_dtype(3_350_000_000 // 8) == "float32"
+    assert budget.resolve_p_dtype(10**9 // 8) == "float64"
+    assert budget.resolve_p_dtype(10**9 // 8 + 1) == "float32"
+    assert budget.resolve_p_dtype(100, limit_bytes=799) == "float32"
+
+
 WIDE = [("w1", (100, 100)), ("b1", (100,)), ("w2", (100, 50))]  # 15100 weights
 
 
@@ -218,7 +251,7 @@ def test_analytic_weights_are_the_real_layout(case, cu_data, cuni_data, tmp_path
 
 @pytest.mark.slow
 def test_dp_train_stops_before_building_p_when_it_does_not_fit(cu_data, tmp_path):
-    data = tiny(cu_data, **{"optimizer/p_memory_limit": 1e-6})
+    data = tiny(cu_data, **{"optimizer/p_memory_limit": 1e-6, "optimizer/p_dtype": "float64"})
     proc = run_dp(tmp_path, "train", "input.json", input_data=data, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -241,7 +274,8 @@ def test_dp_train_auto_blocksize_takes_the_largest_that_fits(cu_data, tmp_path):
     lo, hi = p_bytes(tensors, 256), p_bytes(tensors, 512)
     assert lo < hi
     limit = (lo + hi) / 2 / 1e9
-    data = tiny(cu_data, **{"optimizer/blocksize": "auto", "optimizer/p_memory_limit": limit})
+    data = tiny(cu_data, **{"optimizer/blocksize": "auto", "optimizer/p_memory_limit": limit,
+                            "optimizer/p_dtype": "float64"})
     proc = run_dp(tmp_path, "train", "input.json", input_data=data)
     assert real_layout(tmp_path)["blocksize"] == 256
     assert "blocksize 256" in proc.stdout + proc.stderr
@@ -254,10 +288,26 @@ def test_dp_train_auto_blocksize_takes_the_largest_that_fits(cu_data, tmp_path):
     assert meta["layout"]["blocksize"] == 256 and meta["extra"]["step"] == 4
 
 
+@pytest.mark.slow
+def test_dp_train_auto_p_dtype_is_float32_when_float64_does_not_fit(cu_data, tmp_path):
+    tensors = model_tensors(tiny(cu_data)["model"])
+    f64 = p_bytes(tensors, 1024, "float64")
+    # the default p_dtype ("auto") under a limit that float64 exceeds and float32 meets
+    data = tiny(cu_data, **{"optimizer/p_memory_limit": 0.75 * f64 / 1e9})
+    proc = run_dp(tmp_path, "train", "input.json", input_data=data)
+    meta = read_meta(tmp_path / "model.ckpt.kalman.npz")
+    assert meta["options"]["p_dtype"] == "float32"
+    assert "float32" in proc.stdout + proc.stderr
+    # without the limit the same small P stays float64
+    run_dp(tmp_path / "b", "train", "input.json", input_data=tiny(cu_data))
+    assert read_meta(tmp_path / "b" / "model.ckpt.kalman.npz")["options"]["p_dtype"] == "float64"
+
+
 # -------------------------------------------------------------- alkpu run
 def test_kpu_param_with_p_over_the_limit_stops_before_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    param = with_keys(uncertainty="kpu", kpu={"optimizer": {"p_memory_limit": 0.01, "blocksize": 4096}})
+    param = with_keys(uncertainty="kpu", kpu={"optimizer": {"p_memory_limit": 0.01, "blocksize": 4096,
+                                                             "p_dtype": "float64"}})
     n = weight_count(param["default_training_param"]["model"], param["type_map"])
     size = p_bytes(model_tensors(param["default_training_param"]["model"], param["type_map"]), 4096)
     with pytest.raises(ParamError) as err:

@@ -172,8 +172,8 @@ class RLEKFTrainer(DPTrainer):
             [(v.op.name, v.shape.as_list()) for v in variables], self.rlekf.blocksize
         )
         # P's memory budget, before any P exists: "auto" picks the blocksize
-        # (that of the Kalman state being continued, if any), then P, in the
-        # continued state's p_dtype if any, must fit p_memory_limit
+        # (that of the Kalman state being continued, if any) and p_dtype (by
+        # P's size, or the continued state's), then P must fit p_memory_limit
         tensors = list(zip(self.kf_layout.names, self.kf_layout.shapes))
         blocksize = "auto" if self.kf_auto_blocksize else self.rlekf.blocksize
         p_dtype = self.rlekf.p_dtype
@@ -205,6 +205,10 @@ class RLEKFTrainer(DPTrainer):
         if plan.blocksize != self.rlekf.blocksize:
             self.rlekf = RLEKFSettings.from_optimizer({**self.rlekf.to_dict(), "blocksize": plan.blocksize})
             self.kf_layout = BlockLayout.build(tensors, plan.blocksize)
+        if self.rlekf.p_dtype == "auto":
+            # "auto" resolved by P's size (or the continued state's type); an explicit
+            # type stays as asked, and a continued state of another type is reported
+            self.rlekf = RLEKFSettings.from_optimizer({**self.rlekf.to_dict(), "p_dtype": plan.p_dtype})
         log.info("RLEKF %s", plan.describe())
 
         def flat_grad(z):

@@ -26,6 +26,13 @@ Rules
   time per step.  It is a lower bound: the BLAS level-2 update does not reach
   full memory bandwidth (docs/memory.md has measured rates), and the
   TensorFlow passes come on top.
+* ``"auto"`` p_dtype: float64 while P in float64 takes at most
+  :data:`AUTO_FLOAT64_MAX` bytes (and fits the limit), float32 above.  A large P
+  makes every update memory-bound, and float32 halves both its memory and that
+  time; training in float32 followed float64's learning curve to its printed
+  digits (docs/memory.md).  A small P stays float64, where its cost is small and
+  KPU is exact to float64 round-off.  With ``"auto"`` blocksize too, the
+  blocksize is chosen as for float32.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from .ekffm import DEFER
 from .layout import BlockLayout
 
 __all__ = [
+    "AUTO_FLOAT64_MAX",
     "BANDWIDTH",
     "CANDIDATE_BLOCKSIZES",
     "DEFAULT_BLOCKSIZE",
@@ -51,6 +59,7 @@ __all__ = [
     "physical_memory",
     "plan_p",
     "resolve_limit",
+    "resolve_p_dtype",
 ]
 
 #: blocksizes that ``"auto"`` chooses from, largest first
@@ -59,6 +68,8 @@ CANDIDATE_BLOCKSIZES = (10240, 8192, 5120, 4096, 2048, 1024, 512, 256, 128)
 DEFAULT_BLOCKSIZE = 5120
 #: bytes per entry of P
 ITEMSIZE = {"float64": 8, "float32": 4}
+#: "auto" p_dtype: the largest P (bytes in float64) kept in float64
+AUTO_FLOAT64_MAX = 10**9
 #: memory bandwidth assumed by the cost estimate, bytes per second
 BANDWIDTH = 30e9
 # bytes(P) moved per Kalman update: half of P read by symv, and a read and write of
@@ -113,7 +124,16 @@ def _itemsize(p_dtype: str) -> int:
     try:
         return ITEMSIZE[p_dtype]
     except KeyError:
-        raise ValueError(f'p_dtype must be "float64" or "float32", got {p_dtype!r}') from None
+        raise ValueError(f'p_dtype must be "float64", "float32" or "auto", got {p_dtype!r}') from None
+
+
+def resolve_p_dtype(p_entries: int, limit_bytes: int | None = None) -> str:
+    """The storage type ``"auto"`` gives a P of ``p_entries`` numbers: float64 while that
+    takes at most :data:`AUTO_FLOAT64_MAX` bytes and fits ``limit_bytes``, else float32."""
+    f64 = p_entries * ITEMSIZE["float64"]
+    if f64 <= AUTO_FLOAT64_MAX and (limit_bytes is None or f64 <= limit_bytes):
+        return "float64"
+    return "float32"
 
 
 def auto_blocksize(
@@ -223,7 +243,8 @@ def plan_p(
     key_prefix: str = "optimizer/",
     model: str = "the model",
 ) -> PBudget:
-    """Resolve ``blocksize`` (an int or ``"auto"``) and check P against the limit.
+    """Resolve ``blocksize`` (an int or ``"auto"``) and ``p_dtype`` (``"float64"``,
+    ``"float32"`` or ``"auto"``: :func:`resolve_p_dtype`) and check P against the limit.
 
     Returns the :class:`PBudget` of the chosen setting.  Raises
     :class:`PMemoryError` when P would exceed the limit (or, for "auto", when no
@@ -235,6 +256,9 @@ def plan_p(
     names the model in the message.
     """
     tensors = _tensors(tensors)
+    auto_dtype = p_dtype == "auto"
+    if auto_dtype:
+        p_dtype = "float32"  # what "auto" falls back to; resolved below once the blocksize is known
     _itemsize(p_dtype)
     limit, source = resolve_limit(limit_gb, f"{key_prefix}p_memory_limit")
     n = sum(math.prod(shape) for _, shape in tensors)
@@ -252,6 +276,8 @@ def plan_p(
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
         raise ValueError(f'{key_prefix}blocksize must be a positive integer or "auto", got {blocksize!r}')
     layout = BlockLayout.build(tensors, blocksize)
+    if auto_dtype:
+        p_dtype = resolve_p_dtype(layout.nbytes_p, limit)
     budget = PBudget(
         n_weights=layout.n,
         blocksize=int(blocksize),
