@@ -221,6 +221,7 @@ def extra_inputs(workdir):
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_input_error_is_named_before_anything_is_made(case, extra_inputs, tmp_path, monkeypatch):
     import dpdispatcher  # noqa: F401  (its log file appears where it is first imported, as in `dpgen run`)
+    import dpgen  # noqa: F401  (dpgen.log too; run alone, this test would otherwise import it in root)
 
     from alkpu_plugin.dpgen.preflight import PreflightError, preflight
 
