@@ -262,13 +262,14 @@ def plan_p(
     _itemsize(p_dtype)
     limit, source = resolve_limit(limit_gb, f"{key_prefix}p_memory_limit")
     n = sum(math.prod(shape) for _, shape in tensors)
+    shown = 'float32 (p_dtype "auto")' if auto_dtype else p_dtype
     if blocksize == "auto":
         chosen = auto_blocksize(tensors, limit, p_dtype)
         if chosen is None:
             smallest = min(CANDIDATE_BLOCKSIZES)
             raise PMemoryError(
                 f"{key_prefix}blocksize \"auto\": P, the Kalman covariance of {model} ({n} weights), "
-                f"does not fit the limit of {limit / GB:.3g} GB ({source}) in {p_dtype} at any "
+                f"does not fit the limit of {limit / GB:.3g} GB ({source}) in {shown} at any "
                 f"blocksize; the smallest candidate, {smallest}, needs "
                 f"{p_bytes(tensors, smallest, p_dtype) / GB:.3g} GB. {_advice(tensors, limit, key_prefix)}"
             )
@@ -278,6 +279,7 @@ def plan_p(
     layout = BlockLayout.build(tensors, blocksize)
     if auto_dtype:
         p_dtype = resolve_p_dtype(layout.nbytes_p, limit)
+    shown = f'{p_dtype} (p_dtype "auto")' if auto_dtype else p_dtype
     budget = PBudget(
         n_weights=layout.n,
         blocksize=int(blocksize),
@@ -291,7 +293,7 @@ def plan_p(
     if limit is not None and budget.p_bytes > limit:
         raise PMemoryError(
             f"P, the Kalman covariance of {model}, would take {budget.p_gb:.3g} GB: "
-            f"{budget.n_weights} weights at {key_prefix}blocksize {budget.blocksize} in {p_dtype}, "
+            f"{budget.n_weights} weights at {key_prefix}blocksize {budget.blocksize} in {shown}, "
             f"over the limit of {limit / GB:.3g} GB ({source}). "
             f"{_advice(tensors, limit, key_prefix)} At this setting each training step would move "
             f"about {PASSES_PER_UPDATE * budget.p_gb * (1 + budget.force_updates):.3g} GB through the Kalman updates "
