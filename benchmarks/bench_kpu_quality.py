@@ -75,6 +75,10 @@ def main() -> None:
     ap.add_argument("--rlekf-steps", type=int, default=600)
     ap.add_argument("--adam-steps", type=int, default=6000)
     ap.add_argument("--hot-frames", type=int, default=40)
+    ap.add_argument("--rlekf-opt", default="", metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="RLEKF optimizer keys on top of the defaults (e.g. the paper's settings: "
+                    "force_normaliser=natoms,kalman_lambda=0.98,kalman_nue=0.9987); the run, JSON and "
+                    "PNG are named after them, and the committee and data are shared")
     args = ap.parse_args()
     out = Path(args.out)
     data = out / "data"
@@ -91,9 +95,18 @@ def main() -> None:
     timings = {}
     tic = time.time()
     cfg = copy.deepcopy(BASE)
-    cfg["optimizer"] = {"type": "RLEKF", "blocksize": 2048}
+    extra = {}
+    for item in filter(None, args.rlekf_opt.split(",")):
+        key, value = item.split("=", 1)
+        try:
+            extra[key] = json.loads(value)  # numbers, true/false
+        except json.JSONDecodeError:
+            extra[key] = value  # words: "natoms", "float64", ...
+    tag = "_".join(f"{k}_{v}" for k, v in extra.items())
+    cfg["optimizer"] = {"type": "RLEKF", "blocksize": 2048, **extra}
     cfg["training"]["numb_steps"] = args.rlekf_steps
-    rlekf_graph = train(out / "rlekf", cfg)
+    rlekf_graph = train(out / ("rlekf_" + tag if tag else "rlekf"), cfg)
+    cfg_rlekf = cfg["optimizer"]
     timings["rlekf_train_s"] = time.time() - tic
     committee = []
     tic = time.time()
@@ -118,7 +131,7 @@ def main() -> None:
     engine.calibration = cal
     pots = [DeepPot(str(g)) for g in committee]
 
-    results = {"calibration": cal, "timings": timings, "per_temperature": {}}
+    results = {"rlekf_optimizer": cfg_rlekf, "calibration": cal, "timings": timings, "per_temperature": {}}
     pooled = {k: [] for k in ("kpu_max", "kpu_paper", "err_rlekf", "devi", "err_adam0")}
     hot_kpu, hot_sq = [], []
     tic = time.time()
@@ -157,7 +170,8 @@ def main() -> None:
         "spearman_committee_devi_vs_max_error": spearman(pooled["devi"], pooled["err_adam0"]),
     }
     results["hot_deciles"] = deciles(np.concatenate(hot_kpu), np.concatenate(hot_sq), cal)
-    (out / "kpu_quality.json").write_text(json.dumps(results, indent=1))
+    name = "kpu_quality" + ("_" + tag if tag else "")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
 
     import matplotlib
 
@@ -178,7 +192,7 @@ def main() -> None:
               title="calibration on held-out 1200/1400 K atoms")
     ax[2].legend()
     fig.tight_layout()
-    fig.savefig(out / "kpu_quality.png", dpi=110)
+    fig.savefig(out / f"{name}.png", dpi=110)
     print(json.dumps(results, indent=1))
 
 
