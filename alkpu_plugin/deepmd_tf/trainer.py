@@ -416,9 +416,11 @@ class RLEKFTrainer(DPTrainer):
             log.warning(
                 "RLEKF stopped on its plateau: the %s force RMSE %.4g eV/A is %.2f x the RMS of the "
                 "label forces (%.4g eV/A), the model has learned (almost) no forces yet; train "
-                "longer (training/numb_steps) before using it (a larger optimizer/p0 shortens the "
+                "longer (training/numb_steps) before using it%s (a larger optimizer/p0 shortens the "
                 "plateau but makes KPU rank frames worse: docs/rlekf.md)", fit["on"], fit["force_rmse"],
-                fit["ratio"], fit["label_force_rms"])
+                fit["ratio"], fit["label_force_rms"],
+                ', or set optimizer/force_normaliser "none" (the default), with which forces are '
+                "learnt hundreds of steps sooner" if self.rlekf.force_normaliser == "natoms" else "")
 
     def _valid_batches(self, valid_data):
         if valid_data is None:
