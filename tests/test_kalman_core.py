@@ -105,26 +105,28 @@ def run_core(layout, weights, xs, ys, options, **kw):
     return kf, flat
 
 
-def test_single_block_equals_dense_ekffm():
+# the paper's schedule, and the `dp train` defaults (docs/rlekf.md#the-defaults)
+@pytest.mark.parametrize("lambda1, nu", [(0.98, 0.9987), (0.95, 0.997)])
+def test_single_block_equals_dense_ekffm(lambda1, nu):
     rng = np.random.default_rng(1)
     weights = init_weights(rng)
     xs, ys = data(60, rng)
     layout = BlockLayout.build(SHAPES, 10_000)
     assert len(layout.blocks) == 1
-    opts = FilterOptions(lambda1=0.98, nu=0.9987, p0=1.0)
+    opts = FilterOptions(lambda1=lambda1, nu=nu, p0=1.0)
     kf, flat = run_core(layout, weights, xs, ys, opts)
 
     w = layout.pack(weights)
     P = np.eye(layout.n)
-    lam = 0.98
+    lam = lambda1
     for x, y in zip(xs, ys):
         wts = layout.unpack(w)
         H = layout.pack(mlp_grad(wts, x))
-        w, P, lam = dense_ekffm(w, P, lam, 0.9987, H, y - mlp(wts, x))
+        w, P, lam = dense_ekffm(w, P, lam, nu, H, y - mlp(wts, x))
     np.testing.assert_allclose(flat, w, rtol=0, atol=1e-10)
     np.testing.assert_allclose(kf.dense(), P, rtol=0, atol=1e-10)
     assert kf.lam == pytest.approx(lam, abs=1e-15)
-    assert kf.lam == pytest.approx(1 - (1 - 0.98) * 0.9987**60, abs=1e-14)
+    assert kf.lam == pytest.approx(1 - (1 - lambda1) * nu**60, abs=1e-14)
     # and the filter learnt something
     err0 = np.mean([(y - mlp(weights, x)) ** 2 for x, y in zip(xs, ys)])
     err1 = np.mean([(y - mlp(layout.unpack(flat), x)) ** 2 for x, y in zip(xs, ys)])
