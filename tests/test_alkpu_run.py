@@ -131,7 +131,10 @@ def test_paper_relative_trust_rule(tmp_path):
     them as failed and goes on below ratio_failed, stops above it."""
     from .dpgen_run import LABEL_SOME, wrap_command
 
-    root = make_workdir(tmp_path / "rel", kpu={"trust": "relative", "eps_lo": 1.2, "eps_hi": 50.0,
+    # eps_lo 0.4: the explored frames' force KPU is 0.6-1.3 x KPU_train after 30 steps, so that
+    # several are labelled (two tasks at least, for the failed-label check); step 0, the ideal
+    # lattice, has zero force KPU and is accurate
+    root = make_workdir(tmp_path / "rel", kpu={"trust": "relative", "eps_lo": 0.4, "eps_hi": 50.0,
                                                "kpu_train_frames": 5, "numb_steps": 30}, ratio_failed=0.5)
     wrap_command(root, "fp", LABEL_SOME)
     proc = alkpu_run(root)
@@ -149,11 +152,11 @@ def test_paper_relative_trust_rule(tmp_path):
     detail = KPUResult.load(task / "kpu.npz")
     np.testing.assert_allclose(table[:, 4], detail.force_kpu / kpu_train["kpu_train"], rtol=1e-6)
     # DP-GEN selected with eps_lo / eps_hi in place of its trust levels
-    selected = int(((table[:, 4] >= 1.2) & (table[:, 4] < 50.0)).sum())
+    selected = int(((table[:, 4] >= 0.4) & (table[:, 4] < 50.0)).sum())
     candidates = [c for c in (it0 / "02.fp" / "candidate.shuffled.000.out").read_text().split("\n") if c.strip()]
     accurate = [c for c in (it0 / "02.fp" / "rest_accurate.shuffled.000.out").read_text().split("\n") if c.strip()]
     assert len(candidates) == selected
-    assert len(accurate) == int((table[:, 4] < 1.2).sum())
+    assert len(accurate) == int((table[:, 4] < 0.4).sum()) >= 1
 
 
 def check_failed_labels(root):
