@@ -171,16 +171,28 @@ def test_restart_continues_exactly(cu_data, tmp_path):
     assert any(not np.array_equal(mid[k], wb[k]) for k in wb)
 
 
+#: the paper's settings (ALGORITHMS.md), whose forces wait on a plateau for a few hundred steps
+PAPER = {"optimizer/force_normaliser": "natoms", "optimizer/kalman_lambda": 0.98, "optimizer/kalman_nue": 0.9987}
+
+
 def test_init_model_continues_the_kalman_state(cu_data, tmp_path):
     proc = run_dp(tmp_path / "a", "train", "input.json",
-           input_data=make_input(cu_data, **{"training/numb_steps": 10, "training/save_freq": 10}))
-    # 10 steps end on RLEKF's initial plateau (forces not learned yet): the log says so and the
-    # state records it (the last step wrote no lcurve line: checked at that step all the same)
+           input_data=make_input(cu_data, **{"training/numb_steps": 10, "training/save_freq": 10, **PAPER}))
+    # 10 steps of the paper's settings end on RLEKF's initial plateau (forces not learned yet):
+    # the log says so and names the remedy, and the state records it (the last step wrote no
+    # lcurve line: checked at that step all the same)
     fit = read_meta(tmp_path / "a" / "model.ckpt.kalman.npz")["extra"]["force_fit"]
     assert fit["step"] == 10 and not fit["learned"] and fit["ratio"] >= 0.8
-    assert "RLEKF stopped on its plateau" in proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "RLEKF stopped on its plateau" in log and 'optimizer/force_normaliser "none"' in log
+    # the same 10 steps with the defaults have left the plateau: no warning
+    proc = run_dp(tmp_path / "e", "train", "input.json",
+                  input_data=make_input(cu_data, **{"training/numb_steps": 10, "training/save_freq": 10}))
+    fit = read_meta(tmp_path / "e" / "model.ckpt.kalman.npz")["extra"]["force_fit"]
+    assert fit["step"] == 10 and fit["learned"] and fit["ratio"] < 0.8, fit  # measured 0.61
+    assert "plateau" not in proc.stdout + proc.stderr
     run_dp(tmp_path / "b", "train", "input.json", "--init-model", str(tmp_path / "a" / "model.ckpt"),
-           input_data=make_input(cu_data, **{"training/numb_steps": 4, "training/save_freq": 4}))
+           input_data=make_input(cu_data, **{"training/numb_steps": 4, "training/save_freq": 4, **PAPER}))
     meta = read_meta(tmp_path / "b" / "model.ckpt.kalman.npz")
     assert meta["nupdates"] == (10 + 4) * 5
     # with reset_state the filter starts afresh from the same weights
