@@ -85,6 +85,12 @@ def read_lcurve(path):
     return np.loadtxt(path, ndmin=2)
 
 
+#: the paper's RLEKF settings (ALGORITHMS.md), whose forces wait on a plateau for a few hundred
+#: steps; the optimizer's defaults are docs/rlekf.md#the-defaults
+PAPER_SETTINGS = {"optimizer/force_normaliser": "natoms", "optimizer/kalman_lambda": 0.98,
+                  "optimizer/kalman_nue": 0.9987}
+
+
 @pytest.fixture(scope="session")
 def trained_model(cu_data, tmp_path_factory):
     """A tiny RLEKF model trained 200 steps on the 300 K data, frozen: (dir, graph.pb)."""

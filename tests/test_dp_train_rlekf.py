@@ -10,7 +10,7 @@ import pytest
 
 from alkpu_plugin.kalman import load_state, read_meta
 
-from .conftest import make_input, read_lcurve, run_dp
+from .conftest import PAPER_SETTINGS, make_input, read_lcurve, run_dp
 
 pytestmark = pytest.mark.slow
 
@@ -171,13 +171,9 @@ def test_restart_continues_exactly(cu_data, tmp_path):
     assert any(not np.array_equal(mid[k], wb[k]) for k in wb)
 
 
-#: the paper's settings (ALGORITHMS.md), whose forces wait on a plateau for a few hundred steps
-PAPER = {"optimizer/force_normaliser": "natoms", "optimizer/kalman_lambda": 0.98, "optimizer/kalman_nue": 0.9987}
-
-
 def test_init_model_continues_the_kalman_state(cu_data, tmp_path):
     proc = run_dp(tmp_path / "a", "train", "input.json",
-           input_data=make_input(cu_data, **{"training/numb_steps": 10, "training/save_freq": 10, **PAPER}))
+           input_data=make_input(cu_data, **{"training/numb_steps": 10, "training/save_freq": 10, **PAPER_SETTINGS}))
     # 10 steps of the paper's settings end on RLEKF's initial plateau (forces not learned yet):
     # the log says so and names the remedy, and the state records it (the last step wrote no
     # lcurve line: checked at that step all the same)
@@ -192,7 +188,7 @@ def test_init_model_continues_the_kalman_state(cu_data, tmp_path):
     assert fit["step"] == 10 and fit["learned"] and fit["ratio"] < 0.8, fit  # measured 0.61
     assert "plateau" not in proc.stdout + proc.stderr
     run_dp(tmp_path / "b", "train", "input.json", "--init-model", str(tmp_path / "a" / "model.ckpt"),
-           input_data=make_input(cu_data, **{"training/numb_steps": 4, "training/save_freq": 4, **PAPER}))
+           input_data=make_input(cu_data, **{"training/numb_steps": 4, "training/save_freq": 4, **PAPER_SETTINGS}))
     meta = read_meta(tmp_path / "b" / "model.ckpt.kalman.npz")
     assert meta["nupdates"] == (10 + 4) * 5
     # with reset_state the filter starts afresh from the same weights
