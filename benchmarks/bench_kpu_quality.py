@@ -33,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_rlekf_vs_adam import opt_name, parse_opt  # noqa: E402  (the --rlekf-opt syntax of that benchmark)
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -95,14 +98,8 @@ def main() -> None:
     timings = {}
     tic = time.time()
     cfg = copy.deepcopy(BASE)
-    extra = {}
-    for item in filter(None, args.rlekf_opt.split(",")):
-        key, value = item.split("=", 1)
-        try:
-            extra[key] = json.loads(value)  # numbers, true/false
-        except json.JSONDecodeError:
-            extra[key] = value  # words: "natoms", "float64", ...
-    tag = "_".join(f"{k}_{v}" for k, v in extra.items())
+    extra = parse_opt(args.rlekf_opt) if args.rlekf_opt else {}
+    tag = opt_name(extra).replace("=", "_").replace(",", "-")  # named as bench_rlekf_vs_adam's runs
     cfg["optimizer"] = {"type": "RLEKF", "blocksize": 2048, **extra}
     cfg["training"]["numb_steps"] = args.rlekf_steps
     rlekf_graph = train(out / ("rlekf_" + tag if tag else "rlekf"), cfg)
