@@ -110,7 +110,18 @@ def config_of(args) -> dict:
         "init_steps": args.init_steps, "steps": args.steps, "adam_steps": args.adam_steps,
         "adam_reuse_steps": args.adam_reuse_steps,
         "diverse_candidates": args.diverse_candidates,
+        "rlekf": rlekf_keys(args.system),
     }
+
+
+def rlekf_keys(system: str) -> dict:
+    """The RLEKF strategies' optimizer keys with the plugin's defaults filled in, so that a change
+    of the defaults names another working folder."""
+    from alkpu_plugin.deepmd_tf.schema import RLEKFSettings
+
+    _, optimizer = training_input(system)
+    keys = RLEKFSettings.from_optimizer(optimizer).to_dict()
+    return {k: v for k, v in keys.items() if v is not None}
 
 
 def tag_of(config: dict) -> str:
