@@ -418,7 +418,10 @@ COLORS = ("tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown")
 def run_label(name: str, blocksize: int) -> str:
     if name == "adam":
         return "Adam"
-    return f"RLEKF (blocksize {blocksize}" + (f", {name.split(':', 1)[1]})" if ":" in name else ")")
+    opts = name.split(":", 1)[1] if ":" in name else ""
+    if "blocksize=" in opts:  # the run's own blocksize replaces the common one
+        return f"RLEKF ({opts})"
+    return f"RLEKF (blocksize {blocksize}" + (f", {opts})" if opts else ")")
 
 
 def plot(results: dict, target: float, path: Path, title: str, blocksize: int) -> None:

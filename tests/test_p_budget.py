@@ -51,7 +51,43 @@ def test_auto_blocksize_is_the_largest_candidate_that_fits():
     assert auto_blocksize(TENSORS, sizes[4] - 1, candidates=cands) is None
     # float32 halves P
     assert auto_blocksize(TENSORS, sizes[40] // 2, "float32", candidates=cands) == 40
-    assert auto_blocksize(TENSORS, None) == budget.DEFAULT_BLOCKSIZE
+    # no limit: the largest candidate up to AUTO_BLOCKSIZE_MAX
+    assert auto_blocksize(TENSORS, None) == budget.AUTO_BLOCKSIZE_MAX == 1024
+    assert auto_blocksize(TENSORS, None, candidates=cands, largest=16) == 16
+
+
+def test_auto_blocksize_halves_while_float32_p_exceeds_its_cap():
+    cands = (40, 16, 8, 4)
+    f32 = {bs: p_bytes(TENSORS, bs, "float32") for bs in cands}
+    assert auto_blocksize(TENSORS, None, candidates=cands, p_max=f32[40]) == 40
+    assert auto_blocksize(TENSORS, None, candidates=cands, p_max=f32[40] - 1) == 16
+    assert auto_blocksize(TENSORS, None, candidates=cands, p_max=f32[8]) == 8
+    # the cap is in float32 whatever p_dtype is asked; the limit is in p_dtype
+    assert auto_blocksize(TENSORS, 10**6, "float64", candidates=cands, p_max=f32[16]) == 16
+    assert auto_blocksize(TENSORS, p_bytes(TENSORS, 8, "float64"), "float64", candidates=cands,
+                          p_max=f32[16]) == 8
+    # no candidate under the cap: the smallest that fits the limit, or None
+    assert auto_blocksize(TENSORS, None, candidates=cands, p_max=f32[4] - 1) == 4
+    assert auto_blocksize(TENSORS, p_bytes(TENSORS, 4) - 1, candidates=cands, p_max=f32[4] - 1) is None
+
+
+@pytest.mark.parametrize("fitting, axis, type_map, expected", [
+    ([50, 50, 50], 16, ["Cu"], 1024),             # the benchmarks' Cu-32 model, 91,751 weights
+    ([50, 50, 50], 16, ["Cu", "Ni"], 1024),       # their Cu-Ni model, 196,402 weights
+    ([240, 240, 240], 12, ["Cu"], 512),           # DP-GEN's size, 411,091 weights: 1.68 GB at 1024
+    ([240, 240, 240], 12, ["Cu", "Ni"], 256),     # the same with two species
+])
+def test_auto_blocksize_of_real_model_sizes(fitting, axis, type_map, expected):
+    model = {"type_map": type_map,
+             "descriptor": {"type": "se_e2_a", "sel": [60] * len(type_map), "rcut_smth": 0.5, "rcut": 5.0,
+                            "neuron": [25, 50, 100], "axis_neuron": axis},
+             "fitting_net": {"neuron": fitting}}
+    tensors = model_tensors(model, type_map)
+    plan = plan_p(tensors, "auto", "auto", limit_gb=12.0)
+    assert plan.blocksize == expected
+    assert p_bytes(tensors, expected, "float32") <= 1e9
+    if expected < 1024:
+        assert p_bytes(tensors, 2 * expected, "float32") > 1e9
 
 
 def test_limit_defaults_to_half_the_physical_memory(monkeypatch):
@@ -74,7 +110,7 @@ def test_plan_reports_size_and_step_cost():
     text = plan.describe()
     assert "39 weights" in text and "blocksize 16" in text and "s per step" in text
     auto = plan_p(TENSORS, "auto", "float64", limit_gb=p_bytes(TENSORS, 128) / 1e9)
-    assert auto.blocksize == 10240  # every candidate >= 39 gives the one 39 x 39 block
+    assert auto.blocksize == 1024  # every candidate >= 39 gives the one 39 x 39 block
 
 
 def test_auto_p_dtype_is_float64_up_to_its_threshold(monkeypatch):
@@ -92,7 +128,7 @@ def test_auto_p_dtype_is_float64_up_to_its_threshold(monkeypatch):
     # "auto" blocksize with "auto" p_dtype: the largest blocksize whose float32 P fits
     limit = p_bytes(TENSORS, 39, "float32")
     plan = plan_p(TENSORS, "auto", "auto", limit_gb=limit / 1e9)
-    assert plan.blocksize == 10240 and plan.p_dtype == "float32" and plan.p_bytes == limit
+    assert plan.blocksize == 1024 and plan.p_dtype == "float32" and plan.p_bytes == limit
     # nothing fits even in float32: the error lists the settings that do
     with pytest.raises(PMemoryError, match="float32"):
         plan_p(TENSORS, 39, "auto", limit_gb=(limit - 1) / 1e9)

@@ -35,13 +35,14 @@ FORCE_NORMALISERS = ("natoms", "none")
 
 @dataclass(frozen=True)
 class RLEKFSettings:
-    """The optimizer's keys. Defaults follow ALGORITHMS.md ([code] values) except the three
+    """The optimizer's keys. Defaults follow ALGORITHMS.md ([code] values) except those
     measured in docs/rlekf.md (#the-defaults): ``force_normaliser`` "none" and the fading
     memory ``kalman_lambda`` 0.95, ``kalman_nue`` 0.997 (the paper's code: "natoms", 0.98,
-    0.9987), with which the forces are learnt without the initial plateau, and ``p_dtype``
-    "auto"."""
+    0.9987), with which the forces are learnt without the initial plateau; ``blocksize``
+    "auto" (1024, halved while P would exceed 1 GB in float32; the paper's code 10240) and
+    ``p_dtype`` "auto", which keep the step's cost bounded as the model grows."""
 
-    blocksize: int | str = 5120
+    blocksize: int | str = "auto"
     kalman_lambda: float = 0.95
     kalman_nue: float = 0.997
     p0: float = 1.0
@@ -83,9 +84,9 @@ def rlekf_arguments() -> list[Argument]:
             doc="N_b: weights are packed tensor by tensor and cut into blocks of at most "
             "this many; each block has its own dense covariance (memory: sum of squared "
             "block sizes times 8 bytes, 4 with p_dtype float32). 10240 in the paper's code, "
-            '5120 in DeePMD-kit\'s LKF. "auto": the largest of 10240, 8192, 5120, 4096, 2048, '
-            "1024, 512, 256, 128 whose P fits p_memory_limit (when continuing a saved Kalman "
-            "state: that state's blocksize).",
+            '5120 in DeePMD-kit\'s LKF. "auto" (the default): 1024, halved (down to 128) while '
+            "P would take more than 1 GB in float32 or exceed p_memory_limit (when continuing "
+            "a saved Kalman state: that state's blocksize).",
         ),
         Argument(
             "kalman_lambda", float, optional=True, default=d.kalman_lambda,

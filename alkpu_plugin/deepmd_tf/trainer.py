@@ -136,7 +136,7 @@ class RLEKFTrainer(DPTrainer):
         self.kf_auto_blocksize = self.rlekf.blocksize == "auto"
         if self.kf_auto_blocksize:
             self.rlekf = RLEKFSettings.from_optimizer(
-                {**self.rlekf.to_dict(), "blocksize": budget.DEFAULT_BLOCKSIZE}
+                {**self.rlekf.to_dict(), "blocksize": budget.AUTO_BLOCKSIZE_MAX}
             )
         # DeePMD-kit's parser knows Adam only; it reads the Adam keys and we
         # then take over the optimizer

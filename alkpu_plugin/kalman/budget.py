@@ -13,10 +13,16 @@ Rules
   of this machine's physical memory
   (``os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2``).  Where
   the physical memory cannot be read, there is no limit.
-* ``"auto"`` blocksize: the largest of :data:`CANDIDATE_BLOCKSIZES` whose P,
-  in the requested ``p_dtype``, is within the limit (with no limit: the
-  default blocksize, 5120).  A blocksize at least as large as the weight count
-  gives one layout, so candidates above it are equivalent.
+* ``"auto"`` blocksize (the default): the largest of :data:`CANDIDATE_BLOCKSIZES`
+  up to :data:`AUTO_BLOCKSIZE_MAX` (1024) whose P takes at most
+  :data:`AUTO_P_MAX` (1 GB) in float32 and, in the requested ``p_dtype``, fits
+  the limit.  Larger blocks learn more per step but every step reads all of P,
+  so a P that grows with the model makes each step slower; at 1024, or halved
+  until P is 1 GB in float32, RLEKF reached Adam's accuracy in the least time
+  on every model measured (docs/benchmarks.md).  When no candidate keeps P
+  under 1 GB (over 2 million weights at 128), the smallest that fits the limit.
+  A blocksize at least as large as the weight count gives one layout, so
+  candidates above it are equivalent.
 * Cost estimate: every Kalman update reads the upper triangle of P once (a
   ``symv``, half of bytes(P)) and, once every :data:`~.ekffm.DEFER` updates,
   reads and writes it to apply the deferred downdates (:mod:`.ekffm`): about
@@ -46,10 +52,11 @@ from .ekffm import DEFER
 from .layout import BlockLayout
 
 __all__ = [
+    "AUTO_BLOCKSIZE_MAX",
     "AUTO_FLOAT64_MAX",
+    "AUTO_P_MAX",
     "BANDWIDTH",
     "CANDIDATE_BLOCKSIZES",
-    "DEFAULT_BLOCKSIZE",
     "ITEMSIZE",
     "PBudget",
     "PMemoryError",
@@ -64,8 +71,10 @@ __all__ = [
 
 #: blocksizes that ``"auto"`` chooses from, largest first
 CANDIDATE_BLOCKSIZES = (10240, 8192, 5120, 4096, 2048, 1024, 512, 256, 128)
-#: the optimizer's default blocksize (DeePMD-kit's LKF), used by "auto" when there is no limit
-DEFAULT_BLOCKSIZE = 5120
+#: "auto" blocksize: the largest it takes
+AUTO_BLOCKSIZE_MAX = 1024
+#: "auto" blocksize: the most bytes P may take in float32 (halving the blocksize until it does)
+AUTO_P_MAX = 10**9
 #: bytes per entry of P
 ITEMSIZE = {"float64": 8, "float32": 4}
 #: "auto" p_dtype: the largest P (bytes in float64) kept in float64
@@ -141,18 +150,23 @@ def auto_blocksize(
     limit_bytes: int | None,
     p_dtype: str = "float64",
     candidates: Sequence[int] = CANDIDATE_BLOCKSIZES,
+    largest: int = AUTO_BLOCKSIZE_MAX,
+    p_max: int | None = AUTO_P_MAX,
 ) -> int | None:
-    """The largest candidate blocksize whose P fits ``limit_bytes``.
-
-    With no limit: :data:`DEFAULT_BLOCKSIZE`.  None when no candidate fits.
+    """The blocksize ``"auto"`` takes: the largest candidate up to ``largest`` whose P
+    takes at most ``p_max`` bytes in float32 and, in ``p_dtype``, fits ``limit_bytes``
+    (None: no limit).  When no candidate meets ``p_max``, the smallest that fits the
+    limit; None when none fits the limit.
     """
-    if limit_bytes is None:
-        return DEFAULT_BLOCKSIZE
     tensors = _tensors(tensors)
-    for bs in sorted(candidates, reverse=True):
-        if p_bytes(tensors, bs, p_dtype) <= limit_bytes:
-            return int(bs)
-    return None
+    fitting = [
+        int(bs) for bs in sorted(candidates, reverse=True)
+        if bs <= largest and (limit_bytes is None or p_bytes(tensors, bs, p_dtype) <= limit_bytes)
+    ]
+    for bs in fitting:
+        if p_max is None or p_bytes(tensors, bs, "float32") <= p_max:
+            return bs
+    return fitting[-1] if fitting else None
 
 
 @dataclass(frozen=True)
