@@ -60,7 +60,9 @@ def test_rlekf_trains_to_a_small_force_error(cu_data, tmp_path):
     assert meta["nupdates"] == 300 * 5  # one energy + 4 force updates per step
     assert meta["extra"]["step"] == 300
     assert meta["layout"]["blocksize"] == 1024
-    expected_lam = 1 - (1 - 0.95) * 0.997 ** 1500  # the defaults kalman_lambda 0.95, kalman_nue 0.997
+    # the defaults: kalman_lambda "auto" (0.98 for this model of a few thousand weights), kalman_nue 0.997
+    assert meta["extra"]["settings"]["kalman_lambda"] == 0.98 and meta["options"]["lambda1"] == 0.98
+    expected_lam = 1 - (1 - 0.98) * 0.997 ** 1500
     assert meta["lambda"] == pytest.approx(expected_lam, rel=1e-12)
     # the per-update trace: one energy and four force updates per step, the filter's own terms
     rows = [json.loads(line) for line in trace.read_text().splitlines()]
@@ -219,6 +221,7 @@ def test_init_model_continues_the_kalman_state(cu_data, tmp_path):
         ({"optimizer/blocksize": -5}, "blocksize must be a positive integer"),
         ({"optimizer/kalman_lambda": 1.5}, r"kalman_lambda (lambda_1) must be in (0, 1]"),
         ({"optimizer/kalman_lambda": 0.0}, r"kalman_lambda (lambda_1) must be in (0, 1]"),
+        ({"optimizer/kalman_lambda": "fast"}, 'kalman_lambda (lambda_1) must be in (0, 1] or "auto"'),
     ],
 )
 def test_bad_optimizer_keys_fail_before_training(cu_data, tmp_path, change, message):

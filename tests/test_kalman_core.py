@@ -53,6 +53,12 @@ def init_weights(rng):
     return [rng.normal(scale=0.5, size=s) for _, s in SHAPES]
 
 
+def test_auto_lambda1_by_weight_count():
+    assert rlekf.AUTO_LAMBDA_MIN_WEIGHTS == 20_000
+    assert rlekf.auto_lambda1(7_106) == rlekf.auto_lambda1(19_999) == 0.98
+    assert rlekf.auto_lambda1(20_000) == rlekf.auto_lambda1(411_091) == 0.95
+
+
 def test_layout_gathers_small_and_splits_large():
     lay = BlockLayout.build([("a", (3,)), ("b", (4,)), ("c", (25,)), ("d", (2,)), ("e", (1,))], 10)
     # a+b=7 <= 10 gathered; c (25) closes the group and is split 10/10/5; d+e gathered

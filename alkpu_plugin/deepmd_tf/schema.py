@@ -37,13 +37,14 @@ FORCE_NORMALISERS = ("natoms", "none")
 class RLEKFSettings:
     """The optimizer's keys. Defaults follow ALGORITHMS.md ([code] values) except those
     measured in docs/rlekf.md (#the-defaults): ``force_normaliser`` "none" and the fading
-    memory ``kalman_lambda`` 0.95, ``kalman_nue`` 0.997 (the paper's code: "natoms", 0.98,
-    0.9987), with which the forces are learnt without the initial plateau; ``blocksize``
+    memory ``kalman_lambda`` "auto" (0.95 from 20,000 weights on, else 0.98), ``kalman_nue``
+    0.997 (the paper's code: "natoms", 0.98, 0.9987), with which the forces of large models
+    are learnt without the initial plateau; ``blocksize``
     "auto" (1024, halved while P would exceed 1 GB in float32; the paper's code 10240) and
     ``p_dtype`` "auto", which keep the step's cost bounded as the model grows."""
 
     blocksize: int | str = "auto"
-    kalman_lambda: float = 0.95
+    kalman_lambda: float | str = "auto"
     kalman_nue: float = 0.997
     p0: float = 1.0
     force_updates: int = 4
@@ -89,10 +90,13 @@ def rlekf_arguments() -> list[Argument]:
             "a saved Kalman state: that state's blocksize).",
         ),
         Argument(
-            "kalman_lambda", float, optional=True, default=d.kalman_lambda,
-            extra_check=lambda x: 0.0 < x <= 1.0,
-            extra_check_errmsg="kalman_lambda (lambda_1) must be in (0, 1]",
-            doc="lambda_1, the initial fading-memory factor (0.98 in the paper's code).",
+            "kalman_lambda", [float, str], optional=True, default=d.kalman_lambda,
+            extra_check=lambda x: x == "auto" or (not isinstance(x, str) and 0.0 < x <= 1.0),
+            extra_check_errmsg='kalman_lambda (lambda_1) must be in (0, 1] or "auto"',
+            doc='lambda_1, the initial fading-memory factor (0.98 in the paper\'s code). "auto" (the '
+            "default): 0.95 for models of at least 20,000 weights, which learns their forces "
+            "without the paper's initial plateau, and 0.98 for smaller ones, on which 0.95 was "
+            "found unstable.",
         ),
         Argument(
             "kalman_nue", float, optional=True, default=d.kalman_nue,
@@ -100,7 +104,8 @@ def rlekf_arguments() -> list[Argument]:
             extra_check_errmsg="kalman_nue (nu) must be in [0, 1]",
             doc="nu: lambda_{k+1} = nu * lambda_k + 1 - nu after every update (0.9987 in the "
             "paper's code). P grows by at most exp((1 - lambda_1) / (1 - nu)) along directions no "
-            "update measures: e^16.7 with the defaults, reached in about 1,000 updates.",
+            "update measures: e^16.7 from lambda_1 0.95, reached in about 1,000 updates, and "
+            "e^6.7 from 0.98.",
         ),
         Argument(
             "p0", float, optional=True, default=d.p0,

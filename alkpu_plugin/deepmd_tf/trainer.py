@@ -205,6 +205,10 @@ class RLEKFTrainer(DPTrainer):
         if plan.blocksize != self.rlekf.blocksize:
             self.rlekf = RLEKFSettings.from_optimizer({**self.rlekf.to_dict(), "blocksize": plan.blocksize})
             self.kf_layout = BlockLayout.build(tensors, plan.blocksize)
+        if self.rlekf.kalman_lambda == "auto":
+            lam1 = rlekf.auto_lambda1(self.kf_layout.n)
+            self.rlekf = RLEKFSettings.from_optimizer({**self.rlekf.to_dict(), "kalman_lambda": lam1})
+            log.info('RLEKF kalman_lambda "auto": %g (%d weights)', lam1, self.kf_layout.n)
         if self.rlekf.p_dtype == "auto":
             # "auto" resolved by P's size (or the continued state's type); an explicit
             # type stays as asked, and a continued state of another type is reported
