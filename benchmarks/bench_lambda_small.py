@@ -17,7 +17,6 @@ Output: ``benchmarks/out/lambda_small/lambda_small.json`` and a markdown table o
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -28,8 +27,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_label_efficiency import SYSTEMS, training_input as example_input  # noqa: E402
+
 BIN = Path(sys.executable).parent
-TYPE_MAP = ["Cu", "Ni"]
+TYPE_MAP = SYSTEMS["CuNi"]["type_map"]
 PAPER = {"force_normaliser": "natoms", "kalman_lambda": 0.98, "kalman_nue": 0.9987}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DP_INTRA_OP_PARALLELISM_THREADS": "1",
        "DP_INTER_OP_PARALLELISM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -40,18 +43,15 @@ def make_data(out: Path) -> dict[str, Path]:
 
     paths = {"train": out / "data" / "train", "valid": out / "data" / "valid-1200K"}
     if not paths["train"].exists():
-        md_frames(300, 10, seed=1, a=3.56, substitute={"Ni": 0.5}, type_map=TYPE_MAP).to(
-            "deepmd/npy", str(paths["train"]))
-        md_frames(1200, 10, seed=2, a=3.56, substitute={"Ni": 0.5}, type_map=TYPE_MAP).to(
-            "deepmd/npy", str(paths["valid"]))
+        frames = SYSTEMS["CuNi"]["frames"]  # the label-efficiency benchmark's Cu50Ni50 cells
+        md_frames(300, 10, seed=1, type_map=TYPE_MAP, **frames).to("deepmd/npy", str(paths["train"]))
+        md_frames(1200, 10, seed=2, type_map=TYPE_MAP, **frames).to("deepmd/npy", str(paths["valid"]))
     return paths
 
 
 def training_input(paths: dict[str, Path], optimizer: dict, steps: int) -> dict:
-    param = json.loads((ROOT / "examples" / "cuni-emt" / "param.json").read_text())
-    data = copy.deepcopy(param["default_training_param"])
-    data["model"]["type_map"] = TYPE_MAP
-    data["optimizer"] = {"type": "RLEKF", **param.get("kpu", {}).get("optimizer", {}), **optimizer}
+    data, example_optimizer = example_input("CuNi")  # examples/cuni-emt's model, loss, learning rate
+    data["optimizer"] = {**example_optimizer, **optimizer}
     data["training"] = {
         "training_data": {"systems": [str(paths["train"])], "batch_size": 1},
         "validation_data": {"systems": [str(paths["valid"])], "batch_size": 1, "numb_btch": 10},

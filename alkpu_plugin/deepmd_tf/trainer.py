@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,16 +129,12 @@ class RLEKFTrainer(DPTrainer):
         optimizer = dict(jdata.get("optimizer") or {})
         self.rlekf = RLEKFSettings.from_optimizer(optimizer)
         if self.rlekf.seed is None:
-            self.rlekf = RLEKFSettings.from_optimizer(
-                {**self.rlekf.to_dict(), "seed": jdata["training"].get("seed")}
-            )
+            self.rlekf = replace(self.rlekf, seed=jdata["training"].get("seed"))
         # blocksize "auto" is resolved in _build_training from the model's
         # weights; until then the layout uses the default blocksize
         self.kf_auto_blocksize = self.rlekf.blocksize == "auto"
         if self.kf_auto_blocksize:
-            self.rlekf = RLEKFSettings.from_optimizer(
-                {**self.rlekf.to_dict(), "blocksize": budget.AUTO_BLOCKSIZE_MAX}
-            )
+            self.rlekf = replace(self.rlekf, blocksize=budget.AUTO_BLOCKSIZE_MAX)
         # DeePMD-kit's parser knows Adam only; it reads the Adam keys and we
         # then take over the optimizer
         super()._init_param({**jdata, "optimizer": dict(_ADAM_PLACEHOLDER)})
@@ -203,16 +200,16 @@ class RLEKFTrainer(DPTrainer):
         except budget.PMemoryError as exc:
             raise RLEKFInputError(str(exc)) from None
         if plan.blocksize != self.rlekf.blocksize:
-            self.rlekf = RLEKFSettings.from_optimizer({**self.rlekf.to_dict(), "blocksize": plan.blocksize})
+            self.rlekf = replace(self.rlekf, blocksize=plan.blocksize)
             self.kf_layout = BlockLayout.build(tensors, plan.blocksize)
         if self.rlekf.kalman_lambda == "auto":
             lam1 = rlekf.auto_lambda1(self.kf_layout.n)
-            self.rlekf = RLEKFSettings.from_optimizer({**self.rlekf.to_dict(), "kalman_lambda": lam1})
+            self.rlekf = replace(self.rlekf, kalman_lambda=lam1)
             log.info('RLEKF kalman_lambda "auto": %g (%d weights)', lam1, self.kf_layout.n)
         if self.rlekf.p_dtype == "auto":
             # "auto" resolved by P's size (or the continued state's type); an explicit
             # type stays as asked, and a continued state of another type is reported
-            self.rlekf = RLEKFSettings.from_optimizer({**self.rlekf.to_dict(), "p_dtype": plan.p_dtype})
+            self.rlekf = replace(self.rlekf, p_dtype=plan.p_dtype)
         log.info("RLEKF %s", plan.describe())
 
         def flat_grad(z):
