@@ -18,7 +18,7 @@ import json
 
 from alkpu_plugin.dpgen.model_size import model_tensors
 from alkpu_plugin.kalman import BlockLayout
-from alkpu_plugin.kalman.budget import BANDWIDTH, ITEMSIZE, PASSES_PER_UPDATE
+from alkpu_plugin.kalman.budget import BANDWIDTH, ITEMSIZE, passes_per_update
 
 # a DP-GEN-size one-species model: se_e2_a embedding [25, 50, 100], axis_neuron 12,
 # fitting [240, 240, 240] (DeePMD-kit's defaults for the rest: fitting resnet_dt true)
@@ -44,7 +44,7 @@ def rows(model: dict = MODEL, blocksizes=BLOCKSIZES, limit: float = LIMIT) -> li
             out.append({
                 "blocksize": bs, "p_dtype": dtype, "weights": layout.n, "blocks": len(layout.blocks),
                 "p_bytes": nbytes, "fits_2gb": nbytes <= limit,
-                "step_s": PASSES_PER_UPDATE * nbytes * (1 + FORCE_UPDATES) / BANDWIDTH,
+                "step_s": passes_per_update(dtype) * nbytes * (1 + FORCE_UPDATES) / BANDWIDTH,
             })
     return out
 

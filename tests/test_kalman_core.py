@@ -222,6 +222,52 @@ def test_float32_p_tracks_float64():
     np.testing.assert_allclose(kf32.dense(), kf64.dense(), rtol=0, atol=1e-3 * np.abs(kf64.dense()).max())
 
 
+def test_float32_full_blocks_are_symmetric_and_threads_change_no_bit(monkeypatch):
+    """A float32 P is stored in full and its products are split over threads by block:
+    both triangles stay equal, and the split changes no bit of the result."""
+    from alkpu_plugin.kalman import ekffm
+
+    rng = np.random.default_rng(8)
+    weights = init_weights(rng)
+    xs, ys = data(70, rng)  # more than DEFER updates: flushes happen
+    layout = BlockLayout.build(SHAPES, 6)  # blocks of 6 and smaller: several groups
+    assert len(set(layout.block_sizes)) > 1
+    opts = FilterOptions(p_dtype="float32")
+    serial, w_serial = run_core(layout, weights, xs, ys, opts)
+    monkeypatch.setattr(ekffm, "_THREAD_MIN_BYTES", 0)
+    monkeypatch.setattr(ekffm, "_threads", lambda: 3)
+    threaded, w_threaded = run_core(layout, weights, xs, ys, opts)
+    np.testing.assert_array_equal(w_threaded, w_serial)
+    for a, b in zip(threaded.blocks, serial.blocks):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, a.T)
+    kf64, w64 = run_core(layout, weights, xs, ys, FilterOptions())
+    np.testing.assert_allclose(w_threaded, w64, rtol=0, atol=1e-4)
+
+
+def test_float32_state_with_stale_lower_triangles_loads(tmp_path):
+    """A state whose blocks hold only their upper triangles (the lower ones stale, as a filter
+    that keeps upper triangles writes them) loads to the same P and the same next update."""
+    rng = np.random.default_rng(9)
+    weights = init_weights(rng)
+    xs, ys = data(30, rng)
+    layout = BlockLayout.build(SHAPES, 8)
+    kf, _ = run_core(layout, weights, xs, ys, FilterOptions(p_dtype="float32"))
+    path = save_state(tmp_path / "s.kalman.npz", kf)
+    with np.load(path) as data_:
+        arrays = {k: data_[k] for k in data_.files}
+    for k in arrays:
+        if k.startswith("P_"):
+            S = arrays[k].copy()
+            S[np.tril_indices_from(S, -1)] = 7.0  # garbage below the diagonal
+            arrays[k] = S
+    np.savez(path, **arrays)
+    kf2, _ = load_state(path, layout)
+    np.testing.assert_array_equal(kf2.dense(), kf.dense())
+    H = rng.normal(size=layout.n)
+    np.testing.assert_array_equal(kf2.update(H, 0.2), kf.update(H, 0.2))
+
+
 def test_scale_renormalisation_is_transparent():
     rng = np.random.default_rng(5)
     layout = BlockLayout.build(SHAPES, 8)

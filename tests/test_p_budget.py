@@ -105,8 +105,11 @@ def test_plan_reports_size_and_step_cost():
     plan = plan_p(TENSORS, 16, "float64", limit_gb=1.0, force_updates=4)
     assert plan.n_weights == 39 and plan.blocksize == 16 and plan.nblocks == 4
     assert plan.p_bytes == p_bytes(TENSORS, 16)
-    # five updates, each reading half of P and applying 1/16 of a rank-16 syrk (read + write of that half)
-    assert plan.seconds_per_step == pytest.approx(plan.p_bytes * 5 * (0.5 + 1 / 16) / budget.BANDWIDTH)
+    # five updates, each reading half of P and applying 1/32 of a rank-32 syrk (read + write of that half)
+    assert plan.seconds_per_step == pytest.approx(plan.p_bytes * 5 * (0.5 + 1 / 32) / budget.BANDWIDTH)
+    # a float32 P is read whole, and its deferred downdates read and write it whole
+    plan32 = plan_p(TENSORS, 16, "float32", limit_gb=1.0, force_updates=4)
+    assert plan32.seconds_per_step == pytest.approx(plan32.p_bytes * 5 * (1 + 2 / 32) / budget.BANDWIDTH)
     text = plan.describe()
     assert "39 weights" in text and "blocksize 16" in text and "s per step" in text
     auto = plan_p(TENSORS, "auto", "float64", limit_gb=p_bytes(TENSORS, 128) / 1e9)

@@ -23,15 +23,16 @@ Rules
   under 1 GB (over 2 million weights at 128), the smallest that fits the limit.
   A blocksize at least as large as the weight count gives one layout, so
   candidates above it are equivalent.
-* Cost estimate: every Kalman update reads the upper triangle of P once (a
-  ``symv``, half of bytes(P)) and, once every :data:`~.ekffm.DEFER` updates,
-  reads and writes it to apply the deferred downdates (:mod:`.ekffm`): about
-  :data:`PASSES_PER_UPDATE` x bytes(P) per update, and ``1 + force_updates``
+* Cost estimate: every Kalman update reads P once (float32: the whole of each
+  block, in one batched product; float64: its upper triangle with ``symv``,
+  half of bytes(P)) and, once every :data:`~.ekffm.DEFER` updates, reads and
+  writes what it reads to apply the deferred downdates (:mod:`.ekffm`):
+  :func:`passes_per_update` x bytes(P) per update, and ``1 + force_updates``
   updates per training step.  At :data:`BANDWIDTH` (about 30 GB/s, a memory
   bandwidth figure for this kind of machine) that gives the estimated Kalman
-  time per step.  It is a lower bound: the BLAS level-2 update does not reach
-  full memory bandwidth (docs/memory.md has measured rates), and the
-  TensorFlow passes come on top.
+  time per step.  It is a lower bound: the updates do not reach full memory
+  bandwidth (docs/memory.md has measured rates), and the TensorFlow passes
+  come on top.
 * ``"auto"`` p_dtype: float64 while P in float64 takes at most
   :data:`AUTO_FLOAT64_MAX` bytes (and fits the limit), float32 above.  A large P
   makes every update memory-bound, and float32 halves both its memory and that
@@ -56,6 +57,7 @@ __all__ = [
     "AUTO_FLOAT64_MAX",
     "AUTO_P_MAX",
     "BANDWIDTH",
+    "passes_per_update",
     "CANDIDATE_BLOCKSIZES",
     "ITEMSIZE",
     "PBudget",
@@ -81,9 +83,14 @@ ITEMSIZE = {"float64": 8, "float32": 4}
 AUTO_FLOAT64_MAX = 10**9
 #: memory bandwidth assumed by the cost estimate, bytes per second
 BANDWIDTH = 30e9
-# bytes(P) moved per Kalman update: half of P read by symv, and a read and write of
-# that half once every DEFER updates
-PASSES_PER_UPDATE = 0.5 + 1.0 / DEFER
+
+
+def passes_per_update(p_dtype: str) -> float:
+    """bytes(P) moved per Kalman update: the stored part read once (all of a float32 P,
+    the upper half of a float64 one), and read and written once every DEFER updates."""
+    stored = 1.0 if p_dtype == "float32" else 0.5
+    return stored * (1.0 + 2.0 / DEFER)
+
 
 GB = 1e9
 
@@ -188,8 +195,8 @@ class PBudget:
 
     @property
     def seconds_per_update(self) -> float:
-        """Estimated time of one Kalman update: PASSES_PER_UPDATE x bytes(P) / :data:`BANDWIDTH`."""
-        return PASSES_PER_UPDATE * self.p_bytes / BANDWIDTH
+        """Estimated time of one Kalman update: :func:`passes_per_update` x bytes(P) / :data:`BANDWIDTH`."""
+        return passes_per_update(self.p_dtype) * self.p_bytes / BANDWIDTH
 
     @property
     def seconds_per_step(self) -> float:
@@ -203,7 +210,7 @@ class PBudget:
             f"P {self.p_gb:.3f} GB ({self.n_weights} weights, {self.nblocks} blocks, blocksize "
             f"{self.blocksize}, {self.p_dtype}; {limit}, {self.limit_source}); Kalman updates "
             f"estimated at >= {self.seconds_per_step:.2f} s per step ({1 + self.force_updates} updates, "
-            f"each moving {PASSES_PER_UPDATE:.2g} x P at ~{BANDWIDTH / GB:.0f} GB/s)"
+            f"each moving {passes_per_update(self.p_dtype):.2g} x P at ~{BANDWIDTH / GB:.0f} GB/s)"
         )
 
 
@@ -310,7 +317,7 @@ def plan_p(
             f"{budget.n_weights} weights at {key_prefix}blocksize {budget.blocksize} in {shown}, "
             f"over the limit of {limit / GB:.3g} GB ({source}). "
             f"{_advice(tensors, limit, key_prefix)} At this setting each training step would move "
-            f"about {PASSES_PER_UPDATE * budget.p_gb * (1 + budget.force_updates):.3g} GB through the Kalman updates "
+            f"about {passes_per_update(budget.p_dtype) * budget.p_gb * (1 + budget.force_updates):.3g} GB through the Kalman updates "
             f"(estimated >= {budget.seconds_per_step:.2g} s at {BANDWIDTH / GB:.0f} GB/s)."
         )
     return budget

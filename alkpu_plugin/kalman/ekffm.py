@@ -14,23 +14,30 @@ passes it makes over P):
 
 * each block is stored as ``P_l = scale * S_l`` with one shared scalar
   ``scale``: the division by lambda is a scalar operation, not a pass over P;
-* S_l is symmetric and only its upper triangle is kept valid: K_l comes from
-  BLAS ``symv`` (which reads half of the block);
+* blocks of the same size are stored together in one array, and the
+  products S_l H_l are computed group by group. A float32 P is stored in full
+  (both triangles, exactly symmetric) and a group's products are one batched
+  product (NumPy ``einsum``, split over the process's CPUs, since it releases
+  the GIL): OpenBLAS ``ssymv`` reads blocks of a few hundred rows at a
+  fraction of the memory rate, and this reads the whole block faster than
+  ``ssymv`` reads half of it. A float64 P keeps only its upper triangle valid
+  and uses BLAS ``dsymv`` per block, which reads half of each block at close
+  to the memory rate;
 * the rank-one downdates are deferred: the filter keeps
   ``S_l^eff = S_l - sum_j c_j v_lj v_lj^T`` with up to ``defer`` pending
-  vectors, computes ``S_l^eff H_l`` as ``symv`` minus the pending terms
-  (O(n defer)), and applies them together as one in-place BLAS ``syrk`` (one
-  read and write of the upper triangle) when ``defer`` are pending or P is
-  read. The result is the same update in another order of the same sums
-  (round-off apart); an update then costs about half a pass over P instead of
-  one and a half (symv plus an immediate ``syr``);
+  vectors, computes ``S_l^eff H_l`` as the stored product minus the pending
+  terms (O(n defer)), and applies them together as one in-place BLAS update
+  per block (``gemm`` on a full block, ``syrk`` on an upper triangle: one read
+  and write of what is stored) when ``defer`` are pending or P is read. The
+  result is the same update in another order of the same sums (round-off
+  apart);
 * the gradient and weights are float64; P is float64 by default, float32 on
   request (the scalars A, lambda and scale are always float64).
 
 Numerical safeguards (docs/rlekf.md, "Numerical safeguards"):
 
-* symmetry is structural: only the upper triangle is stored and used, so P is
-  exactly symmetric;
+* symmetry is structural: single-block reads use the upper triangle only, and
+  every write to a full block (downdate, floor, repair) is symmetric;
 * every update checks, at no extra cost, that ``H_l^T S_l H_l`` (computed for K_l
   anyway) is finite and >= 0 for every block; a negative or non-finite value
   proves the block indefinite (or damaged) and it is repaired before it is used,
@@ -54,7 +61,9 @@ Numerical safeguards (docs/rlekf.md, "Numerical safeguards"):
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,8 +74,8 @@ from .layout import BlockLayout
 __all__ = ["KalmanFilter", "FilterOptions", "KalmanNumericsWarning"]
 
 _BLAS = {
-    np.dtype(np.float64): (blas.dsymv, blas.dsyrk, blas.dsymm, blas.dscal),
-    np.dtype(np.float32): (blas.ssymv, blas.ssyrk, blas.ssymm, blas.sscal),
+    np.dtype(np.float64): (blas.dsymv, blas.dgemm, blas.dsymm, blas.dsyrk),
+    np.dtype(np.float32): (blas.ssymv, blas.sgemm, blas.ssymm, blas.ssyrk),
 }
 _POTRF = {np.dtype(np.float64): lapack.dpotrf, np.dtype(np.float32): lapack.spotrf}
 _TRI = {  # for a factorised P: triangular matrix-vector / matrix-matrix products
@@ -86,9 +95,12 @@ _CHECK_PER_WEIGHT = 10
 _CHECK_MIN = 100
 # a downdate that removes more than this times the block's trace proves it indefinite
 _TRACE_SLACK = 1.01
-# rank-one downdates kept pending before one syrk applies them: a rank-16 syrk
-# costs about one rank-one syr (both are bound by the pass over P)
-DEFER = 16
+# rank-one downdates kept pending before one gemm per block applies them: a rank-32
+# update of a block costs about as much as a rank-one one (both are bound by the pass
+# over the block), while the pending terms cost O(n) per update and vector each
+DEFER = 32
+# groups of blocks at least this large (bytes) get their products split over threads
+_THREAD_MIN_BYTES = 1 << 23
 
 
 class KalmanNumericsWarning(RuntimeWarning):
@@ -117,6 +129,64 @@ class FilterOptions:
             raise ValueError(f'p_dtype must be "float64" or "float32", got {self.p_dtype!r}')
 
 
+class _Group:
+    """The blocks of one size, stored together.
+
+    ``S[j]`` holds block ``index[j]``: the Fortran-ordered view ``S[j].T`` is the block BLAS
+    works on in place (when it is stored in full it is symmetric, so ``S[j]`` is the same
+    matrix); ``cols[j]`` are that block's positions in the flat weight vector; ``V[j, :k]``
+    its pending downdate vectors.
+    """
+
+    def __init__(self, index: list[int], ranges: list[tuple[int, int]], m: int, defer: int, dtype):
+        self.index = np.asarray(index, dtype=np.intp)
+        self.cols = np.asarray([np.arange(a, b) for a, b in ranges], dtype=np.intp).reshape(len(index), m)
+        self.S = np.zeros((len(index), m, m), dtype=dtype)
+        self.S[:, np.arange(m), np.arange(m)] = 1.0
+        self.V = np.zeros((len(index), defer, m), dtype=dtype)
+
+
+def _threads() -> int:
+    """CPUs this process may use (at most ``OMP_NUM_THREADS`` when that is set)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
+    return max(1, n)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="alkpu-kalman")
+    return _POOL
+
+
+def _batched_sv(S: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """``S[j] @ h[j]`` for every j; split over threads when the stack is large (NumPy's
+    einsum releases the GIL, and the product is bound by reading S)."""
+    out = np.empty(h.shape, dtype=S.dtype)
+    nthreads = _threads() if S.nbytes >= _THREAD_MIN_BYTES else 1
+    count = S.shape[0]
+    if nthreads <= 1 or count < 2:
+        np.einsum("bij,bj->bi", S, h, out=out)
+        return out
+    cuts = np.linspace(0, count, min(nthreads, count) + 1).astype(int)
+    jobs = [
+        _pool().submit(np.einsum, "bij,bj->bi", S[a:b], h[a:b], out=out[a:b])
+        for a, b in zip(cuts[:-1], cuts[1:])
+    ]
+    for job in jobs:
+        job.result()
+    return out
+
+
 class KalmanFilter:
     """Block-diagonal EKFfm state and its update.
 
@@ -142,19 +212,30 @@ class KalmanFilter:
         self.layout = layout
         self.options = options or FilterOptions()
         self.dtype = np.dtype(self.options.p_dtype)
-        self._symv, self._syrk, self._symm, self._scal = _BLAS[self.dtype]
-        # S_l in Fortran order so that BLAS works in place on them
-        self._blocks: list[np.ndarray] = [
-            np.asfortranarray(np.eye(m, dtype=self.dtype)) for m in layout.block_sizes
-        ]
+        self._symv, self._gemm, self._symm, self._syrk = _BLAS[self.dtype]
         if int(defer) < 1:
             raise ValueError(f"defer must be >= 1, got {defer}")
         self.defer = int(defer)
-        # pending downdates: S_l^eff = S_l - sum_j c_j V_l[:, j] V_l[:, j]^T, j < _npending
-        self._pending_c = np.zeros(self.defer)
-        self._pending_v: list[np.ndarray] = [
-            np.zeros((m, self.defer), dtype=self.dtype, order="F") for m in layout.block_sizes
+        # S_l, grouped by block size; self._blocks[l] is the Fortran-ordered view of S_l
+        sizes = layout.block_sizes
+        by_size: dict[int, list[int]] = {}
+        for i, m in enumerate(sizes):
+            by_size.setdefault(m, []).append(i)
+        self._groups = [
+            _Group(idx, [layout.blocks[i] for i in idx], m, self.defer, self.dtype)
+            for m, idx in by_size.items()
         ]
+        self._blocks: list[np.ndarray] = [None] * len(sizes)  # type: ignore[list-item]
+        self._where: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+        for g, group in enumerate(self._groups):
+            for j, i in enumerate(group.index):
+                self._blocks[i] = group.S[j].T
+                self._where[i] = (g, j)
+        self._sizes = np.asarray(sizes, dtype=np.float64)
+        # float32: full blocks and batched products; float64: upper triangles and symv (module notes)
+        self._full = self.dtype == np.float32
+        # pending downdates: S_l^eff = S_l - sum_j c_j v_lj v_lj^T, j < _npending
+        self._pending_c = np.zeros(self.defer)
         self._npending = 0
         self.scale = float(self.options.p0)
         self.lam = float(self.options.lambda1)
@@ -163,9 +244,10 @@ class KalmanFilter:
         self.factored: list[bool] = [False] * len(self._blocks)
         # numerical safeguards: tolerance n_l * eps per block, periodic test interval
         eps = float(np.finfo(self.dtype).eps)
-        self.tolerance: list[float] = [m * eps for m in layout.block_sizes]
+        self.tolerance: list[float] = [m * eps for m in sizes]
+        self._tolerance = np.asarray(self.tolerance)
         if check_every is None:
-            self.check_interval = [max(_CHECK_MIN, _CHECK_PER_WEIGHT * m) for m in layout.block_sizes]
+            self.check_interval = [max(_CHECK_MIN, _CHECK_PER_WEIGHT * m) for m in sizes]
         else:
             if int(check_every) < 0:
                 raise ValueError(f"check_every must be >= 0 (0: no periodic test), got {check_every}")
@@ -176,43 +258,81 @@ class KalmanFilter:
         self.floor_events = 0
         #: False switches every safeguard off (the bare update, for comparisons only)
         self.safeguards = True
-        # trace of each S_l, kept up to date by the updates; recomputed whenever the
-        # block array is not the one it was computed from (e.g. set by load_state)
         self.last_update: dict = {}  # the terms of the newest update (see update())
-        self._traces: list[float] = [0.0] * len(self._blocks)
-        self._trace_src: list[np.ndarray | None] = [None] * len(self._blocks)
+        # trace of each S_l, kept up to date by the updates; recomputed when marked stale
+        self._traces = self._sizes.copy()
+        self._stale = np.zeros(len(self._blocks), dtype=bool)
 
     # ------------------------------------------------------- stored blocks
     @property
-    def blocks(self) -> list[np.ndarray]:
-        """The blocks S_l (P_l = scale * S_l, upper triangles), pending downdates applied."""
+    def blocks(self) -> tuple[np.ndarray, ...]:
+        """The blocks S_l (P_l = scale * S_l), pending downdates applied.
+
+        Their upper triangles hold S_l (a float32 P also keeps the lower ones). They are views
+        of the filter's storage: change them in place (symmetrically), or with :meth:`set_block`.
+        """
         self.flush()
-        return self._blocks
+        return tuple(self._blocks)
+
+    def set_block(self, index: int, S: np.ndarray) -> None:
+        """Store ``S`` as block ``index`` (what counts is its upper triangle)."""
+        self.flush()
+        g, j = self._where[index]
+        self._blocks[index] = self._groups[g].S[j].T  # its storage again, also after factorize()
+        m = self._blocks[index].shape[0]
+        S = np.asarray(S)
+        if S.shape != (m, m):
+            raise ValueError(f"block {index} is {m} x {m}, got an array of shape {S.shape}")
+        if self._full:  # the upper triangle, mirrored
+            upper = np.triu(S)
+            S = upper + np.triu(upper, 1).T
+        np.copyto(self._blocks[index], S, casting="unsafe")
+        self.factored[index] = False
+        self._stale[index] = True
 
     def flush(self) -> None:
-        """Apply the pending rank-one downdates to the stored blocks (one ``syrk`` per block)."""
+        """Apply the pending rank-one downdates to the stored blocks (one BLAS call per block)."""
         k = self._npending
         if not k:
             return
-        for i, S in enumerate(self._blocks):
-            # S <- S - W W^T  (upper triangle, in place)
-            self._syrk(-1.0, self._pending_factor(i), beta=1.0, c=S, trans=0, lower=0, overwrite_c=1)
+        root = np.sqrt(self._pending_c[:k]).astype(self.dtype)
+        for group in self._groups:
+            W = group.V[:, :k, :] * root[None, :, None]  # (count, k, m): W[j].T W[j] = sum c v v^T
+            for j, i in enumerate(group.index):
+                if self.factored[i]:
+                    continue
+                # S <- S - W^T W in place (W[j].T and the block are Fortran-ordered)
+                Wt = W[j].T
+                if self._full:
+                    self._gemm(-1.0, Wt, Wt, beta=1.0, c=self._blocks[i], trans_b=1, overwrite_c=1)
+                else:
+                    self._syrk(-1.0, Wt, beta=1.0, c=self._blocks[i], trans=0, lower=0, overwrite_c=1)
         self._npending = 0
 
+    def _pending(self, index: int) -> np.ndarray:
+        """The pending downdate vectors of block ``index`` as rows, shape (k, m)."""
+        g, j = self._where[index]
+        return self._groups[g].V[j, : self._npending, :]
+
     def _pending_factor(self, index: int) -> np.ndarray:
-        """W with W W^T = sum_j c_j v_j v_j^T over the pending downdates of block ``index``."""
-        k = self._npending
-        root = np.sqrt(self._pending_c[:k]).astype(self.dtype)
-        return np.asfortranarray(self._pending_v[index][:, :k] * root)
+        """W (m, k) with W W^T = sum_j c_j v_j v_j^T over the pending downdates of block ``index``."""
+        root = np.sqrt(self._pending_c[: self._npending]).astype(self.dtype)
+        return (self._pending(index) * root[:, None]).T
 
     def _sv(self, index: int, h: np.ndarray) -> np.ndarray:
         """``S_l^eff h`` for block ``index``: symv with the stored block minus the pending terms."""
         v = self._symv(1.0, self._blocks[index], h)
-        k = self._npending
-        if k:
-            V = self._pending_v[index][:, :k]
-            v -= V @ (self._pending_c[:k].astype(self.dtype) * (h @ V))
+        if self._npending:
+            V = self._pending(index)
+            v -= (self._pending_c[: self._npending].astype(self.dtype) * (V @ h)) @ V
         return v
+
+    def _symv_each(self, group: _Group, h: np.ndarray) -> np.ndarray:
+        """``S_l h_l`` for every block of ``group`` from the upper triangles (one symv each)."""
+        out = np.empty_like(h)
+        for j, i in enumerate(group.index):
+            out[j] = self._symv(1.0, self._blocks[i], h[j])
+        return out
 
     # ------------------------------------------------------------------ update
     def update(self, H: np.ndarray, innovation: float) -> np.ndarray:
@@ -243,64 +363,79 @@ class KalmanFilter:
             )
         t = self.nupdates + 1  # the number of this update
         guard = self.safeguards
+        k = self._npending
+        nblocks = len(self._blocks)
+        c = self._pending_c[:k].astype(self.dtype)
+        # K_l / scale = S_l^eff H_l for every block: one product per group of equal blocks
         hs: list[np.ndarray] = []
         vs: list[np.ndarray] = []
-        qs: list[float] = []
-        for i, (a, b) in enumerate(self.layout.blocks):
-            h = H[a:b].astype(self.dtype, copy=False)
-            v = self._sv(i, h)  # S_l H_l (upper triangle, pending downdates)
-            q = float(np.dot(h, v))
-            if not guard:
-                pass
-            elif not q >= 0.0:  # negative or NaN: S_l is indefinite or damaged
-                reason = (f"H^T P H = {q * self.scale:.3g} < 0 along this update's gradient"
-                          if np.isfinite(q) else "H^T P H is not finite")
-                v, q = self._repair_and_redo(i, t, reason, h)
-            else:
-                floor = self.tolerance[i] * self._trace(i) / h.shape[0]  # n eps mean eigenvalue
-                if q < floor * float(np.dot(h, h)):
-                    # h probes a direction where P is below the resolution of its type; a
-                    # round-off negative eigenvalue there would grow at every such update.
-                    # Add floor * I to S_l first (process noise on this block; O(n)).
-                    S = self._blocks[i]
-                    S.flat[:: S.shape[0] + 1] += floor
-                    self._traces[i] += floor * S.shape[0]
-                    self.floor_events += 1
-                    v = self._sv(i, h)
-                    q = max(float(np.dot(h, v)), 0.0)
+        q = np.empty(nblocks)
+        hh = np.empty(nblocks)
+        for group in self._groups:
+            h = H[group.cols].astype(self.dtype)  # (count, m)
+            v = _batched_sv(group.S, h) if self._full else self._symv_each(group, h)
+            if k:  # minus the pending downdates
+                V = group.V[:, :k, :]
+                coef = np.matmul(V, h[:, :, None])[:, :, 0] * c
+                v -= np.matmul(coef[:, None, :], V)[:, 0, :]
+            q[group.index] = np.einsum("bm,bm->b", h, v, dtype=np.float64)
+            hh[group.index] = np.einsum("bm,bm->b", h, h, dtype=np.float64)
             hs.append(h)
             vs.append(v)
-            qs.append(q)
+
+        def redo(i: int, v: np.ndarray) -> None:
+            g, j = self._where[i]
+            vs[g][j] = v
+            q[i] = max(float(np.dot(hs[g][j], v)), 0.0)
+
+        if guard:
+            damaged = ~(q >= 0.0)
+            for i in np.flatnonzero(damaged):  # negative or NaN: S_l is indefinite or damaged
+                reason = (f"H^T P H = {q[i] * self.scale:.3g} < 0 along this update's gradient"
+                          if np.isfinite(q[i]) else "H^T P H is not finite")
+                g, j = self._where[i]
+                redo(i, self._repair_and_redo(i, t, reason, hs[g][j]))
+            floor = self._tolerance * self._all_traces() / self._sizes  # n eps mean eigenvalue
+            for i in np.flatnonzero(~damaged & (q < floor * hh)):
+                # h probes a direction where P is below the resolution of its type; a
+                # round-off negative eigenvalue there would grow at every such update.
+                # Add floor * I to S_l first (process noise on this block; O(n)).
+                S = self._blocks[i]
+                S[np.diag_indices_from(S)] += floor[i]
+                self._traces[i] += floor[i] * S.shape[0]
+                self.floor_events += 1
+                g, j = self._where[i]
+                redo(i, self._sv(i, hs[g][j]))
         lam = self.lam
         s = self.scale
-        A = 1.0 / (len(self._blocks) * lam + s * sum(qs))
+        A = 1.0 / (nblocks * lam + s * q.sum())
         # For a semidefinite S_l the downdate removes A s |v_l|^2 <= |v_l|^2 / q_l
         # <= lambda_max(S_l) <= trace(S_l). More than the trace: S_l is indefinite
         # and the downdate would blow the negative part up; repair it first.
-        vv = [float(np.dot(v, v)) for v in vs]
-        redo = False
-        for i in range(len(self._blocks) if guard else 0):
-            removal = A * s * vv[i]
-            if removal > _TRACE_SLACK * self._trace(i):
-                reason = (f"the update would remove {removal:.3g} from a block whose trace is "
+        vv = np.empty(nblocks)
+        for group, v in zip(self._groups, vs):
+            vv[group.index] = np.einsum("bm,bm->b", v, v, dtype=np.float64)
+        if guard:
+            traces = self._all_traces()
+            over = np.flatnonzero(A * s * vv > _TRACE_SLACK * traces)
+            for i in over:
+                reason = (f"the update would remove {A * s * vv[i]:.3g} from a block whose trace is "
                           f"{self._trace(i):.3g} (in units of scale = {s:.3g})")
-                vs[i], qs[i] = self._repair_and_redo(i, t, reason, hs[i])
-                vv[i] = float(np.dot(vs[i], vs[i]))
-                redo = True
-        if redo:
-            A = 1.0 / (len(self._blocks) * lam + s * sum(qs))
+                g, j = self._where[i]
+                redo(i, self._repair_and_redo(i, t, reason, hs[g][j]))
+                vv[i] = float(np.dot(vs[g][j], vs[g][j]))
+            if len(over):
+                A = 1.0 / (nblocks * lam + s * q.sum())
         # the terms of this update, for diagnostics: noise L*lambda, H^T P H, the gain factor A
-        self.last_update = {"noise": len(self._blocks) * lam, "hph": s * sum(qs), "A": A,
-                            "hph_blocks": [s * q for q in qs]}
+        self.last_update = {"noise": nblocks * lam, "hph": s * float(q.sum()), "A": A,
+                            "hph_blocks": (s * q).tolist()}
         delta = np.empty(self.layout.n, dtype=np.float64)
-        coef = A * float(innovation) * s
-        k = self._npending
+        gain = A * float(innovation) * s
         self._pending_c[k] = A * s
-        for i, ((a, b), v) in enumerate(zip(self.layout.blocks, vs)):
-            delta[a:b] = coef * v
-            # S <- S - A s v v^T (P = s S), pending until flush()
-            self._pending_v[i][:, k] = v
-            self._traces[i] -= A * s * vv[i]
+        for group, v in zip(self._groups, vs):
+            delta[group.cols] = gain * v
+            group.V[:, k, :] = v  # S <- S - A s v v^T (P = s S), pending until flush()
+        self._traces -= A * s * vv
         self._npending = k + 1
         if self._npending == self.defer:
             self.flush()
@@ -308,9 +443,11 @@ class KalmanFilter:
         self.lam = self.options.nu * lam + 1.0 - self.options.nu
         self.nupdates += 1
         self._renormalise()
-        for i, every in enumerate(self.check_interval):
-            if every and guard and (t + i) % every == 0:
-                self.check_block(i)
+        if guard:
+            every = np.asarray(self.check_interval, dtype=np.int64)
+            due = np.flatnonzero((every > 0) & ((t + np.arange(nblocks)) % np.maximum(every, 1) == 0))
+            for i in due:
+                self.check_block(int(i))
         return delta
 
     # --------------------------------------------------------- safeguards
@@ -349,7 +486,7 @@ class KalmanFilter:
 
     def check_block(self, index: int) -> bool:
         """Test block ``index`` (:meth:`indefinite`) and repair it if needed; True if repaired."""
-        self._trace_src[index] = None  # recompute the tracked trace (no drift)
+        self._stale[index] = True  # recompute the tracked trace (no drift)
         if self.indefinite(index):
             self._repair(index, self.nupdates, "Cholesky test failed")
             return True
@@ -359,11 +496,10 @@ class KalmanFilter:
         """Test every block now, repair those that need it; returns their indices."""
         return [i for i in range(len(self._blocks)) if self.check_block(i)]
 
-    def _repair_and_redo(self, index: int, update: int, reason: str, h: np.ndarray) -> tuple[np.ndarray, float]:
-        """Repair block ``index``; its S h and h^T S h again."""
+    def _repair_and_redo(self, index: int, update: int, reason: str, h: np.ndarray) -> np.ndarray:
+        """Repair block ``index``; its S h again."""
         self._repair(index, update, reason)
-        v = self._sv(index, h)
-        return v, max(float(np.dot(h, v)), 0.0)
+        return self._sv(index, h)
 
     def _repair(self, index: int, update: int, reason: str) -> None:
         """Make block ``index`` positive definite again (see the module notes); warn."""
@@ -387,7 +523,7 @@ class KalmanFilter:
             new = np.eye(m) * (self.options.p0 / self.scale)
             action = f"reset to p0 I (p0 = {self.options.p0:g})"
         np.copyto(S, new, casting="unsafe")
-        self._trace_src[index] = None
+        self._stale[index] = True
         count = sum(1 for r in self.repairs if r["block"] == index) + 1
         self.repairs.append(
             {"update": int(update), "block": int(index), "reason": reason,
@@ -409,22 +545,28 @@ class KalmanFilter:
     def _renormalise(self) -> None:
         if 1.0 / _SCALE_LIMIT < self.scale < _SCALE_LIMIT:
             return
-        for i, S in enumerate(self.blocks):
-            self._scal(self.scale, S.reshape(-1, order="F"))
-            self._traces[i] *= self.scale
+        self.flush()
+        for group in self._groups:
+            group.S *= self.scale
+        self._traces *= self.scale
         self.scale = 1.0
 
     def _trace(self, index: int) -> float:
-        S = self._blocks[index]
-        if self._trace_src[index] is not S:
-            trace = float(np.diagonal(S).sum(dtype=np.float64))
+        """Trace of S_l^eff (tracked; recomputed from the block when marked stale)."""
+        if self._stale[index]:
+            trace = float(np.diagonal(self._blocks[index]).sum(dtype=np.float64))
             k = self._npending
             if k:  # the trace of S^eff: minus c_j |v_j|^2 of the pending downdates
-                V = self._pending_v[index][:, :k].astype(np.float64)
-                trace -= float(self._pending_c[:k] @ np.einsum("ij,ij->j", V, V))
+                V = self._pending(index).astype(np.float64)
+                trace -= float(self._pending_c[:k] @ np.einsum("ij,ij->i", V, V))
             self._traces[index] = trace
-            self._trace_src[index] = S
-        return self._traces[index]
+            self._stale[index] = False
+        return float(self._traces[index])
+
+    def _all_traces(self) -> np.ndarray:
+        for i in np.flatnonzero(self._stale):
+            self._trace(int(i))
+        return self._traces
 
     # --------------------------------------------------------------- queries
     def factorize(self, expected_rows: int | None = None) -> int:
@@ -452,7 +594,7 @@ class KalmanFilter:
                 continue
             U, info = potrf(S, lower=0, clean=1, overwrite_a=0)
             if info == 0 and np.all(np.isfinite(np.diagonal(U))):
-                self.blocks[i] = np.asfortranarray(U)
+                self._blocks[i] = np.asfortranarray(U)
                 self.factored[i] = True
                 done += 1
         return done

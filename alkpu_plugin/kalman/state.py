@@ -2,8 +2,8 @@
 
 One ``.npz`` file (uncompressed zip of arrays) holds:
 
-* ``P_000``, ``P_001``, ...: the stored blocks S_l (P_l = scale * S_l; only the
-  upper triangle is meaningful, see :mod:`.ekffm`);
+* ``P_000``, ``P_001``, ...: the stored blocks S_l (P_l = scale * S_l; a
+  block is read from its upper triangle, see :mod:`.ekffm`);
 * ``meta``: JSON with the format version, the layout (names, shapes,
   blocksize) and its fingerprint, the filter options, lambda, scale and the
   update count, plus free-form ``extra`` entries that the trainer adds
@@ -140,7 +140,7 @@ def load_state(
                     f"{_named(path)}: block {i} has shape {S.shape} and type {S.dtype}, "
                     f"expected {(m, m)} {kf.dtype}"
                 )
-            kf.blocks[i] = np.asfortranarray(S)
+            kf.set_block(i, S)
     kf.lam = float(meta["lambda"])
     kf.scale = float(meta["scale"])
     kf.nupdates = int(meta["nupdates"])
