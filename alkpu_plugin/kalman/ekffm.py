@@ -24,8 +24,8 @@ passes it makes over P):
   and uses BLAS ``dsymv`` per block, which reads half of each block at close
   to the memory rate;
 * the rank-one downdates are deferred: the filter keeps
-  ``S_l^eff = S_l - sum_j c_j v_lj v_lj^T`` with up to ``defer`` pending
-  vectors, computes ``S_l^eff H_l`` as the stored product minus the pending
+  ``S_l^eff = S_l - sum_j w_lj w_lj^T`` with up to ``defer`` pending
+  vectors (``w = sqrt(A s) v``), computes ``S_l^eff H_l`` as the stored product minus the pending
   terms (O(n defer)), and applies them together as one in-place BLAS update
   per block (``gemm`` on a full block, ``syrk`` on an upper triangle: one read
   and write of what is stored) when ``defer`` are pending or P is read. The
@@ -101,6 +101,8 @@ _TRACE_SLACK = 1.01
 DEFER = 32
 # groups of blocks at least this large (bytes) get their products split over threads
 _THREAD_MIN_BYTES = 1 << 23
+# blocks per batched product inside a thread (their pending vectors stay in cache between uses)
+_SUB_BLOCKS = 16
 
 
 class KalmanNumericsWarning(RuntimeWarning):
@@ -134,16 +136,19 @@ class _Group:
 
     ``S[j]`` holds block ``index[j]``: the Fortran-ordered view ``S[j].T`` is the block BLAS
     works on in place (when it is stored in full it is symmetric, so ``S[j]`` is the same
-    matrix); ``cols[j]`` are that block's positions in the flat weight vector; ``V[j, :k]``
-    its pending downdate vectors.
+    matrix); ``start[j]`` is the position of that block's first weight in the flat vector; ``W[j, :k]``
+    its pending downdates, ``S_eff = S - W[j, :k].T W[j, :k]``; ``h`` and ``v`` are buffers
+    for the update's gradient and product.
     """
 
     def __init__(self, index: list[int], ranges: list[tuple[int, int]], m: int, defer: int, dtype):
         self.index = np.asarray(index, dtype=np.intp)
-        self.cols = np.asarray([np.arange(a, b) for a, b in ranges], dtype=np.intp).reshape(len(index), m)
+        self.start = np.asarray([a for a, _ in ranges], dtype=np.int64)
         self.S = np.zeros((len(index), m, m), dtype=dtype)
         self.S[:, np.arange(m), np.arange(m)] = 1.0
-        self.V = np.zeros((len(index), defer, m), dtype=dtype)
+        self.W = np.zeros((len(index), defer, m), dtype=dtype)
+        self.h = np.empty((len(index), m), dtype=dtype)
+        self.v = np.empty((len(index), m), dtype=dtype)
 
 
 def _threads() -> int:
@@ -168,18 +173,37 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _batched_sv(S: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """``S[j] @ h[j]`` for every j; split over threads when the stack is large (NumPy's
-    einsum releases the GIL, and the product is bound by reading S)."""
-    out = np.empty(h.shape, dtype=S.dtype)
-    nthreads = _threads() if S.nbytes >= _THREAD_MIN_BYTES else 1
-    count = S.shape[0]
-    if nthreads <= 1 or count < 2:
-        np.einsum("bij,bj->bi", S, h, out=out)
+def _pending_terms(W: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
+    """``out[j] -= sum_r W[j, r] (W[j, r] . h[j])`` for every j (the pending downdates)."""
+    coef = np.matmul(W, h[:, :, None])  # (count, k, 1)
+    out -= np.matmul(coef.transpose(0, 2, 1), W)[:, 0, :]
+
+
+def _chunk_products(S: np.ndarray | None, W: np.ndarray, k: int, h: np.ndarray, out: np.ndarray) -> None:
+    """``out[j] = S[j] h[j] - pending terms`` over a run of blocks, a few blocks at a time so
+    that each block's ``k`` pending vectors are read from memory once. ``S`` None: ``out``
+    already holds ``S[j] h[j]``."""
+    for a in range(0, h.shape[0], _SUB_BLOCKS):
+        b = a + _SUB_BLOCKS
+        if S is not None:
+            np.einsum("bij,bj->bi", S[a:b], h[a:b], out=out[a:b])
+        if k:
+            _pending_terms(W[a:b, :k], h[a:b], out[a:b])
+
+
+def _batched_products(S: np.ndarray | None, W: np.ndarray, k: int, h: np.ndarray,
+                      out: np.ndarray) -> np.ndarray:
+    """:func:`_chunk_products` for a whole group, split over threads when the group is large
+    (NumPy's einsum and matmul release the GIL; the products are bound by reading S)."""
+    count = h.shape[0]
+    nbytes = (S.nbytes if S is not None else 0) + W[:, :k].nbytes
+    nthreads = min(_threads(), count) if nbytes >= _THREAD_MIN_BYTES else 1
+    if nthreads <= 1:
+        _chunk_products(S, W, k, h, out)
         return out
-    cuts = np.linspace(0, count, min(nthreads, count) + 1).astype(int)
+    cuts = np.linspace(0, count, nthreads + 1).astype(int)
     jobs = [
-        _pool().submit(np.einsum, "bij,bj->bi", S[a:b], h[a:b], out=out[a:b])
+        _pool().submit(_chunk_products, None if S is None else S[a:b], W[a:b], k, h[a:b], out[a:b])
         for a, b in zip(cuts[:-1], cuts[1:])
     ]
     for job in jobs:
@@ -232,10 +256,18 @@ class KalmanFilter:
                 self._blocks[i] = group.S[j].T
                 self._where[i] = (g, j)
         self._sizes = np.asarray(sizes, dtype=np.float64)
+        # runs of blocks that are consecutive both in a group and in the flat weight vector:
+        # (group, first row, last row + 1, first weight); a few per tensor group of the layout
+        self._runs: list[tuple[int, int, int, int]] = []
+        for g, group in enumerate(self._groups):
+            first = group.start
+            m = group.h.shape[1]
+            breaks = np.flatnonzero(np.diff(first) != m) + 1
+            for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(first)]):
+                self._runs.append((g, int(a), int(b), int(first[a])))
         # float32: full blocks and batched products; float64: upper triangles and symv (module notes)
         self._full = self.dtype == np.float32
-        # pending downdates: S_l^eff = S_l - sum_j c_j v_lj v_lj^T, j < _npending
-        self._pending_c = np.zeros(self.defer)
+        # pending downdates: S_l^eff = S_l - sum_j w_lj w_lj^T, j < _npending
         self._npending = 0
         self.scale = float(self.options.p0)
         self.lam = float(self.options.lambda1)
@@ -295,14 +327,12 @@ class KalmanFilter:
         k = self._npending
         if not k:
             return
-        root = np.sqrt(self._pending_c[:k]).astype(self.dtype)
         for group in self._groups:
-            W = group.V[:, :k, :] * root[None, :, None]  # (count, k, m): W[j].T W[j] = sum c v v^T
             for j, i in enumerate(group.index):
                 if self.factored[i]:
                     continue
-                # S <- S - W^T W in place (W[j].T and the block are Fortran-ordered)
-                Wt = W[j].T
+                # S <- S - W^T W in place (W[j, :k].T and the block are Fortran-ordered)
+                Wt = group.W[j, :k].T
                 if self._full:
                     self._gemm(-1.0, Wt, Wt, beta=1.0, c=self._blocks[i], trans_b=1, overwrite_c=1)
                 else:
@@ -310,26 +340,24 @@ class KalmanFilter:
         self._npending = 0
 
     def _pending(self, index: int) -> np.ndarray:
-        """The pending downdate vectors of block ``index`` as rows, shape (k, m)."""
+        """The pending downdates of block ``index`` as rows w_j (k, m): S_eff = S - sum_j w_j w_j^T."""
         g, j = self._where[index]
-        return self._groups[g].V[j, : self._npending, :]
+        return self._groups[g].W[j, : self._npending, :]
 
     def _pending_factor(self, index: int) -> np.ndarray:
-        """W (m, k) with W W^T = sum_j c_j v_j v_j^T over the pending downdates of block ``index``."""
-        root = np.sqrt(self._pending_c[: self._npending]).astype(self.dtype)
-        return (self._pending(index) * root[:, None]).T
+        """The pending downdates of block ``index`` as the columns of a Fortran-ordered (m, k) view."""
+        return self._pending(index).T
 
     def _sv(self, index: int, h: np.ndarray) -> np.ndarray:
         """``S_l^eff h`` for block ``index``: symv with the stored block minus the pending terms."""
         v = self._symv(1.0, self._blocks[index], h)
         if self._npending:
-            V = self._pending(index)
-            v -= (self._pending_c[: self._npending].astype(self.dtype) * (V @ h)) @ V
+            W = self._pending(index)
+            v -= (W @ h) @ W
         return v
 
-    def _symv_each(self, group: _Group, h: np.ndarray) -> np.ndarray:
+    def _symv_each(self, group: _Group, h: np.ndarray, out: np.ndarray) -> np.ndarray:
         """``S_l h_l`` for every block of ``group`` from the upper triangles (one symv each)."""
-        out = np.empty_like(h)
         for j, i in enumerate(group.index):
             out[j] = self._symv(1.0, self._blocks[i], h[j])
         return out
@@ -365,19 +393,20 @@ class KalmanFilter:
         guard = self.safeguards
         k = self._npending
         nblocks = len(self._blocks)
-        c = self._pending_c[:k].astype(self.dtype)
         # K_l / scale = S_l^eff H_l for every block: one product per group of equal blocks
+        for g, a, b, start in self._runs:  # each block's gradient, (count, m) per group
+            group = self._groups[g]
+            group.h[a:b] = H[start:start + (b - a) * group.h.shape[1]].reshape(b - a, -1)
         hs: list[np.ndarray] = []
         vs: list[np.ndarray] = []
         q = np.empty(nblocks)
         hh = np.empty(nblocks)
         for group in self._groups:
-            h = H[group.cols].astype(self.dtype)  # (count, m)
-            v = _batched_sv(group.S, h) if self._full else self._symv_each(group, h)
-            if k:  # minus the pending downdates
-                V = group.V[:, :k, :]
-                coef = np.matmul(V, h[:, :, None])[:, :, 0] * c
-                v -= np.matmul(coef[:, None, :], V)[:, 0, :]
+            h = group.h
+            if self._full:
+                v = _batched_products(group.S, group.W, k, h, group.v)
+            else:  # symv per block, then the pending terms
+                v = _batched_products(None, group.W, k, h, self._symv_each(group, h, group.v))
             q[group.index] = np.einsum("bm,bm->b", h, v, dtype=np.float64)
             hh[group.index] = np.einsum("bm,bm->b", h, h, dtype=np.float64)
             hs.append(h)
@@ -429,12 +458,15 @@ class KalmanFilter:
         # the terms of this update, for diagnostics: noise L*lambda, H^T P H, the gain factor A
         self.last_update = {"noise": nblocks * lam, "hph": s * float(q.sum()), "A": A,
                             "hph_blocks": (s * q).tolist()}
-        delta = np.empty(self.layout.n, dtype=np.float64)
         gain = A * float(innovation) * s
-        self._pending_c[k] = A * s
+        delta = np.empty(self.layout.n)
+        for g, a, b, start in self._runs:
+            delta[start:start + vs[g][a:b].size] = vs[g][a:b].ravel()
+        delta *= gain
+        root = np.sqrt(A * s)
         for group, v in zip(self._groups, vs):
-            delta[group.cols] = gain * v
-            group.V[:, k, :] = v  # S <- S - A s v v^T (P = s S), pending until flush()
+            # S <- S - A s v v^T (P = s S), pending until flush(): w = sqrt(A s) v
+            np.multiply(v, root, out=group.W[:, k, :])
         self._traces -= A * s * vv
         self._npending = k + 1
         if self._npending == self.defer:
@@ -556,9 +588,9 @@ class KalmanFilter:
         if self._stale[index]:
             trace = float(np.diagonal(self._blocks[index]).sum(dtype=np.float64))
             k = self._npending
-            if k:  # the trace of S^eff: minus c_j |v_j|^2 of the pending downdates
-                V = self._pending(index).astype(np.float64)
-                trace -= float(self._pending_c[:k] @ np.einsum("ij,ij->i", V, V))
+            if k:  # the trace of S^eff: minus |w_j|^2 of the pending downdates
+                W = self._pending(index).astype(np.float64)
+                trace -= float(np.einsum("ij,ij->", W, W))
             self._traces[index] = trace
             self._stale[index] = False
         return float(self._traces[index])
