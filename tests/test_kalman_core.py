@@ -245,6 +245,34 @@ def test_float32_full_blocks_are_symmetric_and_threads_change_no_bit(monkeypatch
     np.testing.assert_allclose(w_threaded, w64, rtol=0, atol=1e-4)
 
 
+def _update_in_child(kf, H, queue):
+    queue.put(kf.update(H, 0.1))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_filter_used_before_a_fork_updates_in_the_child(monkeypatch):
+    """The thread pool of the batched products does not survive fork(); the child makes its own."""
+    import multiprocessing
+
+    from alkpu_plugin.kalman import ekffm
+
+    monkeypatch.setattr(ekffm, "_THREAD_MIN_BYTES", 0)
+    monkeypatch.setattr(ekffm, "_threads", lambda: 2)
+    layout = BlockLayout.build(SHAPES, 6)
+    kf = KalmanFilter(layout, FilterOptions(p_dtype="float32"))
+    H = np.random.default_rng(3).normal(size=layout.n)
+    kf.update(H, 0.1)  # the pool exists now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_update_in_child, args=(kf, H, queue))
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(queue.get(timeout=10), kf.update(H, 0.1))
+
+
 def test_float32_state_with_stale_lower_triangles_loads(tmp_path):
     """A state whose blocks hold only their upper triangles (the lower ones stale, as a filter
     that keeps upper triangles writes them) loads to the same P and the same next update."""

@@ -173,6 +173,16 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool when needed."""
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _pending_terms(W: np.ndarray, h: np.ndarray, out: np.ndarray) -> None:
     """``out[j] -= sum_r W[j, r] (W[j, r] . h[j])`` for every j (the pending downdates)."""
     coef = np.matmul(W, h[:, :, None])  # (count, k, 1)
