@@ -95,9 +95,9 @@ _CHECK_PER_WEIGHT = 10
 _CHECK_MIN = 100
 # a downdate that removes more than this times the block's trace proves it indefinite
 _TRACE_SLACK = 1.01
-# rank-one downdates kept pending before one gemm per block applies them: a rank-32
-# update of a block costs about as much as a rank-one one (both are bound by the pass
-# over the block), while the pending terms cost O(n) per update and vector each
+# rank-one downdates kept pending before one BLAS call per block applies them: a rank-32
+# update of a block costs about one pass over it, like a rank-one update, while the
+# pending terms cost O(n) per update and pending vector
 DEFER = 32
 # groups of blocks at least this large (bytes) get their products split over threads
 _THREAD_MIN_BYTES = 1 << 23
@@ -136,9 +136,9 @@ class _Group:
 
     ``S[j]`` holds block ``index[j]``: the Fortran-ordered view ``S[j].T`` is the block BLAS
     works on in place (when it is stored in full it is symmetric, so ``S[j]`` is the same
-    matrix); ``start[j]`` is the position of that block's first weight in the flat vector; ``W[j, :k]``
-    its pending downdates, ``S_eff = S - W[j, :k].T W[j, :k]``; ``h`` and ``v`` are buffers
-    for the update's gradient and product.
+    matrix); ``start[j]`` is the position of that block's first weight in the flat vector;
+    ``W[j, :k]`` are its k pending downdates, ``S_eff = S - W[j, :k].T W[j, :k]``; ``h`` and
+    ``v`` are buffers for the update's gradients and products.
     """
 
     def __init__(self, index: list[int], ranges: list[tuple[int, int]], m: int, defer: int, dtype):
