@@ -403,37 +403,37 @@ class KalmanFilter:
         guard = self.safeguards
         k = self._npending
         nblocks = len(self._blocks)
-        # K_l / scale = S_l^eff H_l for every block: one product per group of equal blocks
+        # K_l / scale = S_l^eff H_l for every block, one product per group of equal blocks:
+        # the gradients into group.h, the products into group.v
         for g, a, b, start in self._runs:  # each block's gradient, (count, m) per group
             group = self._groups[g]
             group.h[a:b] = H[start:start + (b - a) * group.h.shape[1]].reshape(b - a, -1)
-        hs: list[np.ndarray] = []
-        vs: list[np.ndarray] = []
         q = np.empty(nblocks)
         hh = np.empty(nblocks)
         for group in self._groups:
-            h = group.h
+            h, v = group.h, group.v
             if self._full:
-                v = _batched_products(group.S, group.W, k, h, group.v)
+                _batched_products(group.S, group.W, k, h, v)
             else:  # symv per block, then the pending terms
-                v = _batched_products(None, group.W, k, h, self._symv_each(group, h, group.v))
+                _batched_products(None, group.W, k, h, self._symv_each(group, h, v))
             q[group.index] = np.einsum("bm,bm->b", h, v, dtype=np.float64)
             hh[group.index] = np.einsum("bm,bm->b", h, h, dtype=np.float64)
-            hs.append(h)
-            vs.append(v)
+
+        def h_of(i: int) -> np.ndarray:
+            g, j = self._where[i]
+            return self._groups[g].h[j]
 
         def redo(i: int, v: np.ndarray) -> None:
             g, j = self._where[i]
-            vs[g][j] = v
-            q[i] = max(float(np.dot(hs[g][j], v)), 0.0)
+            self._groups[g].v[j] = v
+            q[i] = max(float(np.dot(h_of(i), v)), 0.0)
 
         if guard:
             damaged = ~(q >= 0.0)
             for i in np.flatnonzero(damaged):  # negative or NaN: S_l is indefinite or damaged
                 reason = (f"H^T P H = {q[i] * self.scale:.3g} < 0 along this update's gradient"
                           if np.isfinite(q[i]) else "H^T P H is not finite")
-                g, j = self._where[i]
-                redo(i, self._repair_and_redo(i, t, reason, hs[g][j]))
+                redo(i, self._repair_and_redo(i, t, reason, h_of(i)))
             floor = self._tolerance * self._all_traces() / self._sizes  # n eps mean eigenvalue
             for i in np.flatnonzero(~damaged & (q < floor * hh)):
                 # h probes a direction where P is below the resolution of its type; a
@@ -443,8 +443,7 @@ class KalmanFilter:
                 S[np.diag_indices_from(S)] += floor[i]
                 self._traces[i] += floor[i] * S.shape[0]
                 self.floor_events += 1
-                g, j = self._where[i]
-                redo(i, self._sv(i, hs[g][j]))
+                redo(i, self._sv(i, h_of(i)))
         lam = self.lam
         s = self.scale
         A = 1.0 / (nblocks * lam + s * q.sum())
@@ -452,8 +451,8 @@ class KalmanFilter:
         # <= lambda_max(S_l) <= trace(S_l). More than the trace: S_l is indefinite
         # and the downdate would blow the negative part up; repair it first.
         vv = np.empty(nblocks)
-        for group, v in zip(self._groups, vs):
-            vv[group.index] = np.einsum("bm,bm->b", v, v, dtype=np.float64)
+        for group in self._groups:
+            vv[group.index] = np.einsum("bm,bm->b", group.v, group.v, dtype=np.float64)
         if guard:
             traces = self._all_traces()
             over = np.flatnonzero(A * s * vv > _TRACE_SLACK * traces)
@@ -461,8 +460,9 @@ class KalmanFilter:
                 reason = (f"the update would remove {A * s * vv[i]:.3g} from a block whose trace is "
                           f"{self._trace(i):.3g} (in units of scale = {s:.3g})")
                 g, j = self._where[i]
-                redo(i, self._repair_and_redo(i, t, reason, hs[g][j]))
-                vv[i] = float(np.dot(vs[g][j], vs[g][j]))
+                redo(i, self._repair_and_redo(i, t, reason, h_of(i)))
+                v = self._groups[g].v[j]
+                vv[i] = float(np.dot(v, v))
             if len(over):
                 A = 1.0 / (nblocks * lam + s * q.sum())
         # the terms of this update, for diagnostics: noise L*lambda, H^T P H, the gain factor A
@@ -471,12 +471,13 @@ class KalmanFilter:
         gain = A * float(innovation) * s
         delta = np.empty(self.layout.n)
         for g, a, b, start in self._runs:
-            delta[start:start + vs[g][a:b].size] = vs[g][a:b].ravel()
+            v = self._groups[g].v[a:b]
+            delta[start:start + v.size] = v.ravel()
         delta *= gain
         root = np.sqrt(A * s)
-        for group, v in zip(self._groups, vs):
+        for group in self._groups:
             # S <- S - A s v v^T (P = s S), pending until flush(): w = sqrt(A s) v
-            np.multiply(v, root, out=group.W[:, k, :])
+            np.multiply(group.v, root, out=group.W[:, k, :])
         self._traces -= A * s * vv
         self._npending = k + 1
         if self._npending == self.defer:
