@@ -25,6 +25,14 @@ Strategies (``--strategies``):
 * ``committee``: DP-GEN's baseline: four models trained with Adam from different seeds, the k
   largest max force deviations (max over atoms of sqrt(mean over models |F_m - <F>|^2)).
 
+Two diagnostics, not selection rules (they read what no strategy can know; not run unless named):
+
+* ``oracle``: the k frames of largest true max atomic force error of the round's model (the
+  pool's hidden labels): what a perfect ranking by error would pick, greedily;
+* ``hottest``: k frames drawn at random from the hottest rung of the pool (its temperature is
+  hidden from the other strategies): how much of a choice's gain a prior "hot frames teach
+  most" already gives.
+
 The four RLEKF strategies train one model with ``"optimizer": {"type": "RLEKF"}`` through the
 real ``dp train``; round 0 trains ``--init-steps`` steps (it is the same for the four strategies
 of a seed and trained once), later rounds ``--steps`` steps continuing the previous round's
@@ -84,6 +92,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ENV = dict(os.environ)
 
 STRATEGIES = ("random", "kpu-frame", "kpu-atom", "diverse", "committee")
+DIAGNOSTICS = ("oracle", "hottest")
 KPU_STRATEGIES = ("kpu-frame", "kpu-atom", "diverse")
 COMMITTEE_SIZE = 4
 
@@ -354,6 +363,14 @@ def select_committee(graphs: list[Path], pool: list, labelled: list[np.ndarray],
     return {"chosen": chosen, "value_of_chosen": [float(devi[g]) for g in chosen]}
 
 
+def select_oracle(graph: Path, pool_labelled: list, labelled: list[np.ndarray], k: int) -> dict:
+    """The k unlabelled frames of largest true max atomic force error (reads the hidden labels)."""
+    err = np.concatenate([np.linalg.norm(predict(graph, s)[1] - s["forces"], axis=2).max(axis=1)
+                          for s in pool_labelled])
+    chosen = top_k(err, ~np.concatenate(labelled), k)
+    return {"chosen": chosen, "value_of_chosen": [float(err[g]) for g in chosen]}
+
+
 # ----------------------------------------------------------------------- a run
 def rlekf_round(rnd: int, seed: int, config: dict, work: Path, runs: Path, rdir: Path, systems: list[Path],
                 train_sets: list, valid: dict, optimizer: dict) -> dict:
@@ -472,11 +489,17 @@ def run_one(strategy: str, seed: int, config: dict, work: Path, load_only: bool 
             graph = rl["graph"]
             if rnd < config["rounds"]:
                 t0 = time.time()
-                if strategy == "random":
+                if strategy in ("random", "hottest"):
                     rng = np.random.default_rng([seed, rnd, 5])
-                    free = np.flatnonzero(~np.concatenate(labelled))
+                    free = ~np.concatenate(labelled)
+                    if strategy == "hottest":
+                        hot = int(np.argmax(config["temps"]))
+                        free &= np.array([s == hot for s, _ in where])
+                    free = np.flatnonzero(free)
                     sel = {"chosen": sorted(int(g) for g in rng.choice(free, size=min(config["k"], free.size),
                                                                           replace=False))}
+                elif strategy == "oracle":
+                    sel = select_oracle(graph, pool_labelled, labelled, config["k"])
                 else:
                     engine = calibrated_engine(graph, train_sets, seed, rnd)
                     try:
@@ -651,7 +674,8 @@ def compact(result: dict, temp: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--system", choices=sorted(SYSTEMS), default="Cu")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list of " + ", ".join(STRATEGIES))
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
+                    help="comma list of " + ", ".join(STRATEGIES) + " (diagnostics: " + ", ".join(DIAGNOSTICS) + ")")
     ap.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     ap.add_argument("--rounds", type=int, default=6, help="selection rounds (a training follows each)")
     ap.add_argument("--k", type=int, default=5, help="frames labelled per round")
@@ -684,9 +708,9 @@ def main() -> int:
             print(compact(result, temp))
         return 0
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    unknown = [s for s in strategies if s not in STRATEGIES + DIAGNOSTICS]
     if unknown:
-        ap.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+        ap.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES + DIAGNOSTICS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     config = config_of(args)
     work = out / "work" / f"{args.system}-{tag_of(config)}"
