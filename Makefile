@@ -15,8 +15,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+# the tests run on up to 4 processes (one per core), a test file per process
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: venv qe chromium slurm
-	$(PY) -m pytest -ra -q --durations=25 tests
+	$(PY) -m pytest -ra -q --durations=25 -n $(TEST_JOBS) --dist loadgroup tests
 
 # the embedded default: the whole ALKPU loop (temperature ladder 300 -> 1400 K, EMT as
 # the labeller, this machine as the cluster) in demo-run/, then its report in

@@ -162,3 +162,13 @@ def finished_run(killed_run):
     and resumed: (root, mtime of the first training's frozen model). Shared by test_alkpu_run,
     test_report and test_faults."""
     return killed_run["root"], killed_run["stamp"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs ``-n N --dist loadgroup``): all tests of a file on one
+    worker, and every file that uses the session's ``killed_run`` on one worker, so that module and
+    session fixtures are built once. Without xdist the marker does nothing."""
+    shared = {item.nodeid.split("::")[0] for item in items if "killed_run" in getattr(item, "fixturenames", ())}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("killed_run" if path in shared else path))
