@@ -164,6 +164,7 @@ def finished_run(killed_run):
     return killed_run["root"], killed_run["stamp"]
 
 
+@pytest.hookimpl(wrapper=True)  # a wrapper runs before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs ``-n N --dist loadgroup``): all tests of a file on one
     worker, and every file that uses the session's ``killed_run`` on one worker, so that module and
@@ -172,3 +173,4 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group("killed_run" if path in shared else path))
+    return (yield)
