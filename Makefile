@@ -15,9 +15,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-# the tests run on one process more than the cores (at most 4): many of them wait on `dp`,
-# LAMMPS, pw.x or job polling; the tests of a file run in one process (tests/conftest.py)
-TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); n=$$((n + 1)); [ $$n -gt 4 ] && n=4; echo $$n)
+# the tests run on up to 4 processes (one per core), a test file per process
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: venv qe chromium slurm
 	$(PY) -m pytest -ra -q --durations=25 -n $(TEST_JOBS) --dist loadgroup tests

@@ -166,11 +166,11 @@ def finished_run(killed_run):
 
 @pytest.hookimpl(wrapper=True)  # a wrapper runs before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs ``-n N --dist loadgroup``): the tests of a file on one
-    worker, so that its module fixtures are built once, and every test that uses the session's
-    ``killed_run`` on one worker, so that the killed run is made once. Without xdist the marker
-    does nothing."""
+    """Under pytest-xdist (`make test` runs ``-n N --dist loadgroup``): all tests of a file on one
+    worker, and every file that uses the session's ``killed_run`` on one worker, so that module and
+    session fixtures are built once. Without xdist the marker does nothing."""
+    shared = {item.nodeid.split("::")[0] for item in items if "killed_run" in getattr(item, "fixturenames", ())}
     for item in items:
-        uses_killed_run = "killed_run" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("killed_run" if uses_killed_run else item.nodeid.split("::")[0]))
+        path = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group("killed_run" if path in shared else path))
     return (yield)
