@@ -160,7 +160,7 @@ def killed_run(tmp_path_factory):
 def finished_run(killed_run):
     """A real `alkpu run` in kpu mode (iteration 0 whole, iteration 1's training), killed 10 times
     and resumed: (root, mtime of the first training's frozen model). Shared by test_alkpu_run,
-    test_report and test_faults."""
+    test_report, test_diverse_selection and test_plateau_guard."""
     return killed_run["root"], killed_run["stamp"]
 
 
